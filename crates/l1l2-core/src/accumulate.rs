@@ -1,0 +1,188 @@
+//! Accumulators: a compensated f64 pair for float inputs and exact integers for integer inputs.
+//!
+//! Every accumulator merges with `merge` in an order fixed by the caller, so the result depends on the
+//! data and its layout only, never on how many threads ran.
+
+/// A running sum carried as `hi + lo`, where `lo` holds the rounding error of every addition
+/// (Knuth's TwoSum). Adding non-negative terms this way keeps the relative error near one ulp
+/// however many terms there are.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Compensated {
+    hi: f64,
+    lo: f64,
+}
+
+impl Compensated {
+    #[inline(always)]
+    pub fn add(&mut self, term: f64) {
+        let (sum, err) = two_sum(self.hi, term);
+        self.hi = sum;
+        self.lo += err;
+    }
+
+    #[inline(always)]
+    pub fn merge(self, other: Self) -> Self {
+        let (sum, err) = two_sum(self.hi, other.hi);
+        Self {
+            hi: sum,
+            lo: self.lo + other.lo + err,
+        }
+    }
+
+    /// The sum rounded once. Once `hi` is infinite or NaN the error term is meaningless (inf - inf).
+    #[inline]
+    pub fn value(self) -> f64 {
+        if self.hi.is_finite() {
+            self.hi + self.lo
+        } else {
+            self.hi
+        }
+    }
+}
+
+/// `a + b` and its exact rounding error (Knuth; no precondition on magnitudes).
+#[inline(always)]
+fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let sum = a + b;
+    let b_virtual = sum - a;
+    let a_virtual = sum - b_virtual;
+    (sum, (a - a_virtual) + (b - b_virtual))
+}
+
+/// An unsigned 192-bit integer: enough for the exact sum of 2^64 squares of 64-bit integers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct U192 {
+    high: u64,
+    low: u128,
+}
+
+impl U192 {
+    #[inline(always)]
+    pub fn add(&mut self, term: u128) {
+        let (low, carry) = self.low.overflowing_add(term);
+        self.low = low;
+        self.high += u64::from(carry);
+    }
+
+    #[inline]
+    pub fn merge(mut self, other: Self) -> Self {
+        self.add(other.low);
+        self.high += other.high;
+        self
+    }
+
+    /// The value correctly rounded to f64 (round half to even).
+    pub fn to_f64(self) -> f64 {
+        if self.high == 0 {
+            return self.low as f64; // `as` rounds correctly
+        }
+        // Keep the top 128 significant bits; fold the dropped bits into a sticky bit so that the
+        // final rounding (at bit ~74) still sees whether anything non-zero was cut.
+        let shift = 64 - self.high.leading_zeros(); // 1..=64
+        let top = (u128::from(self.high) << (128 - shift)) | (self.low >> shift);
+        let dropped = self.low & ((1u128 << shift) - 1);
+        let top = top | u128::from(dropped != 0);
+        top as f64 * 2f64.powi(shift as i32)
+    }
+}
+
+/// The partial result of one piece of the input; merged in a fixed order.
+pub trait Partial: Copy + Default + Send {
+    fn merge(self, other: Self) -> Self;
+    /// `(sum |x|, sum x^2)`, each rounded once to f64.
+    fn finish(self) -> (f64, f64);
+}
+
+/// Partial sums of a float input.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FloatPartial {
+    pub abs: Compensated,
+    pub squares: Compensated,
+}
+
+impl Partial for FloatPartial {
+    #[inline]
+    fn merge(self, other: Self) -> Self {
+        Self {
+            abs: self.abs.merge(other.abs),
+            squares: self.squares.merge(other.squares),
+        }
+    }
+
+    fn finish(self) -> (f64, f64) {
+        (self.abs.value(), self.squares.value())
+    }
+}
+
+/// Exact partial sums of an integer or bool input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExactPartial {
+    /// `|x| <= 2^63` for every supported integer, so 2^64 of them fit in 128 bits.
+    pub abs: u128,
+    pub squares: U192,
+}
+
+impl Partial for ExactPartial {
+    #[inline]
+    fn merge(self, other: Self) -> Self {
+        Self {
+            abs: self.abs + other.abs,
+            squares: self.squares.merge(other.squares),
+        }
+    }
+
+    fn finish(self) -> (f64, f64) {
+        (self.abs as f64, self.squares.to_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compensated_sum_recovers_lost_low_bits() {
+        let mut acc = Compensated::default();
+        acc.add(1.0);
+        for _ in 0..1000 {
+            acc.add(f64::EPSILON / 4.0);
+        }
+        // exact: 1 + 250 eps, representable
+        assert_eq!(acc.value(), 1.0 + 250.0 * f64::EPSILON);
+    }
+
+    #[test]
+    fn compensated_keeps_infinity_and_nan() {
+        let mut acc = Compensated::default();
+        acc.add(1.0);
+        acc.add(f64::INFINITY);
+        acc.add(2.0);
+        assert_eq!(acc.value(), f64::INFINITY);
+        acc.add(f64::NAN);
+        assert!(acc.value().is_nan());
+    }
+
+    #[test]
+    fn u192_rounds_correctly() {
+        // 2^128 + 2^75 + 1: the 1 must act as a sticky bit and round the tie at bit 75 up.
+        let mut x = U192::default();
+        x.add(u128::MAX);
+        x.add(1); // = 2^128
+        x.add(1u128 << 75);
+        x.add(1);
+        let expected = 2f64.powi(128) * (1.0 + 2f64.powi(-52));
+        assert_eq!(x.to_f64(), expected);
+        // exactly the tie without sticky: round to even (down)
+        let mut y = U192::default();
+        y.add(u128::MAX);
+        y.add(1);
+        y.add(1u128 << 75);
+        assert_eq!(y.to_f64(), 2f64.powi(128));
+        // many carries
+        let mut z = U192::default();
+        for _ in 0..8 {
+            z.add(u128::MAX);
+        }
+        assert_eq!(z.to_f64(), 8.0 * 2f64.powi(128));
+    }
+}

@@ -1,0 +1,253 @@
+//! The element types the library reduces, and what each one needs: how to reduce one contiguous
+//! run, and how its result is rounded.
+
+use half::{bf16, f16};
+
+use crate::accumulate::{ExactPartial, FloatPartial, Partial};
+use crate::kernels;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// An element type `sums` accepts: `f16`, `bf16`, `f32`, `f64`, every signed and unsigned integer
+/// up to 64 bits, and `bool`.
+///
+/// Floats accumulate in f64 (f64 input with compensation); integers and bools are summed exactly
+/// and rounded once to f64.
+pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
+    #[doc(hidden)]
+    type Partial: Partial;
+
+    #[doc(hidden)]
+    fn reduce_run(run: &[Self]) -> Self::Partial;
+
+    /// Rounds an f64 result to the precision of the type a caller reports results in (Keras returns
+    /// the input's float dtype; integer and bool inputs report float64). Correctly rounded, once.
+    fn round_result(value: f64) -> f64;
+}
+
+/// Float elements widen to f64 inside the SIMD kernel.
+pub(crate) trait Float: Copy + Send + Sync + 'static {
+    /// Lane sums run uncompensated for this many steps before folding into the compensated total:
+    /// short for f64 (whose squares are inexact and whose precision is the output's), long for
+    /// narrower inputs (f64 accumulation has 29+ bits to spare over their output precision).
+    const STEPS_PER_FOLD: usize;
+
+    /// The value as f64 (exact for every input type).
+    fn widen(self) -> f64;
+}
+
+impl Float for f64 {
+    const STEPS_PER_FOLD: usize = 4;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+impl Float for f32 {
+    const STEPS_PER_FOLD: usize = 64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Float for bf16 {
+    const STEPS_PER_FOLD: usize = 64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        // bf16 is the top half of an f32.
+        f64::from(f32::from_bits(u32::from(self.to_bits()) << 16))
+    }
+}
+
+impl Float for f16 {
+    const STEPS_PER_FOLD: usize = 64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        f64::from(f16_bits_to_f32(self.to_bits()))
+    }
+}
+
+/// Branch-free binary16 -> binary32 (exact), written so that it vectorizes: `half`'s own conversion
+/// checks the CPU per call, which keeps the loop scalar.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    const SHIFTED_EXP: u32 = 0x7c00 << 13;
+    let magnitude = u32::from(h & 0x7fff) << 13;
+    let exp = magnitude & SHIFTED_EXP;
+    let rebiased = magnitude + ((127 - 15) << 23);
+    let bits = if exp == SHIFTED_EXP {
+        rebiased + ((128 - 16) << 23) // inf / NaN
+    } else if exp == 0 {
+        // subnormal: let the FPU normalise it
+        (f32::from_bits(rebiased + (1 << 23)) - f32::from_bits(113 << 23)).to_bits()
+    } else {
+        rebiased
+    };
+    f32::from_bits(bits | (u32::from(h & 0x8000) << 16))
+}
+
+/// Correctly rounds `value` to a binary format with `precision` significand bits (implicit bit
+/// included), smallest normal exponent `min_exp` and largest finite value `max_finite`.
+/// (`half`'s f64 conversions round twice or drop sticky bits.)
+fn round_to_format(value: f64, precision: i32, min_exp: i32, max_finite: f64) -> f64 {
+    if !value.is_finite() || value == 0.0 {
+        return value;
+    }
+    // The f64 exponent, clamped to the format's subnormal range (f64 subnormals land there too).
+    let biased = ((value.to_bits() >> 52) & 0x7ff) as i32;
+    let exp = (biased - 1023).max(min_exp);
+    let ulp = 2f64.powi(exp - (precision - 1));
+    let rounded = (value / ulp).round_ties_even() * ulp;
+    if rounded.abs() > max_finite {
+        f64::INFINITY.copysign(value)
+    } else {
+        rounded
+    }
+}
+
+macro_rules! impl_float_element {
+    ($ty:ty, $round:expr) => {
+        impl sealed::Sealed for $ty {}
+        impl Element for $ty {
+            type Partial = FloatPartial;
+            #[inline]
+            fn reduce_run(run: &[Self]) -> FloatPartial {
+                kernels::float_sums(run)
+            }
+            #[inline]
+            fn round_result(value: f64) -> f64 {
+                $round(value)
+            }
+        }
+    };
+}
+
+impl_float_element!(f64, |v| v);
+impl_float_element!(f32, |v: f64| f64::from(v as f32)); // `as` rounds correctly
+impl_float_element!(f16, |v| round_to_format(v, 11, -14, 65504.0));
+impl_float_element!(bf16, |v| round_to_format(
+    v,
+    8,
+    -126,
+    f64::from(f32::from_bits(0x7f7f_0000))
+));
+
+/// `|x|` of an integer as u64 (exact, also for `i64::MIN`).
+pub(crate) trait Magnitude: Copy {
+    fn magnitude(self) -> u64;
+}
+
+macro_rules! impl_integer_element {
+    ($($ty:ty => |$x:ident| $magnitude:expr),* $(,)?) => {$(
+        impl Magnitude for $ty {
+            #[inline(always)]
+            fn magnitude(self) -> u64 {
+                let $x = self;
+                $magnitude
+            }
+        }
+        impl sealed::Sealed for $ty {}
+        impl Element for $ty {
+            type Partial = ExactPartial;
+            #[inline]
+            fn reduce_run(run: &[Self]) -> ExactPartial {
+                kernels::exact_sums(run)
+            }
+            #[inline]
+            fn round_result(value: f64) -> f64 {
+                value
+            }
+        }
+    )*};
+}
+
+impl_integer_element!(
+    i8 => |x| u64::from(x.unsigned_abs()),
+    i16 => |x| u64::from(x.unsigned_abs()),
+    i32 => |x| u64::from(x.unsigned_abs()),
+    i64 => |x| x.unsigned_abs(),
+    u8 => |x| u64::from(x),
+    u16 => |x| u64::from(x),
+    u32 => |x| u64::from(x),
+    u64 => |x| x,
+    bool => |x| u64::from(x),
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_widening_matches_half_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let ours = f16_bits_to_f32(bits);
+            let theirs = f16::from_bits(bits).to_f32();
+            if theirs.is_nan() {
+                assert!(ours.is_nan(), "{bits:#x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{bits:#x}");
+            }
+        }
+    }
+
+    /// Reference: the two neighbouring representable values, pick the nearer (ties to even).
+    fn nearest_f16(value: f64) -> f64 {
+        let mut best = f16::from_bits(0);
+        let mut best_err = f64::INFINITY;
+        for bits in 0..0x7c00u16 {
+            let candidate = f16::from_bits(bits).to_f64();
+            let err = (candidate - value.abs()).abs();
+            if err < best_err || (err == best_err && bits % 2 == 0) {
+                best = f16::from_bits(bits);
+                best_err = err;
+            }
+        }
+        let max = 65504.0;
+        if value.abs() >= max + 16.0 {
+            return f64::INFINITY.copysign(value);
+        }
+        best.to_f64().copysign(value)
+    }
+
+    #[test]
+    fn f16_rounding_is_correct_at_ties_and_edges() {
+        let cases = [
+            1.0 + 2f64.powi(-11),                  // tie -> even (1.0)
+            1.0 + 2f64.powi(-11) + 2f64.powi(-40), // just above tie -> up (sticky bit in low word)
+            1.0 + 3.0 * 2f64.powi(-11),            // tie -> even (up)
+            65504.0 + 15.999,                      // rounds to max
+            65520.0,                               // overflow tie -> inf
+            2f64.powi(-24) * 0.5,                  // tie at the smallest subnormal -> 0
+            2f64.powi(-24) * 0.5000001,            // -> smallest subnormal
+            6.1e-5,                                // around the smallest normal
+            -3.14159,
+            0.099_975_585_937_5, // within 1 ulp under a power-of-two boundary? (sanity)
+            2047.9999,
+            1.999_999_999_9,
+        ];
+        for v in cases {
+            assert_eq!(f16::round_result(v), nearest_f16(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_keeps_sticky_bits() {
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7; a bit far below (2^-40) must round it up.
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(bf16::round_result(v), 1.0 + 2f64.powi(-7));
+        assert_eq!(bf16::round_result(1.0 + 2f64.powi(-8)), 1.0);
+        assert_eq!(bf16::round_result(1e39), f64::INFINITY);
+    }
+
+    #[test]
+    fn integer_magnitudes_are_exact() {
+        assert_eq!(i64::MIN.magnitude(), 1u64 << 63);
+        assert_eq!(i8::MIN.magnitude(), 128);
+        assert_eq!(u64::MAX.magnitude(), u64::MAX);
+        assert_eq!(true.magnitude(), 1);
+    }
+}

@@ -1,0 +1,143 @@
+//! The reduction kernels: one generic float kernel, instantiated per instruction set and chosen
+//! once at run time, and one exact integer kernel.
+//!
+//! The float kernel keeps `LANES` independent f64 accumulators for `sum |x|` and as many for
+//! `sum x^2`, in plain arrays that LLVM turns into vector registers (4 AVX2 or 2 AVX-512 registers
+//! each). The lane count is the same on every instruction set, so every ISA adds the same numbers
+//! in the same order and produces the same bits.
+
+use std::sync::OnceLock;
+
+use crate::accumulate::{Compensated, ExactPartial, FloatPartial, U192};
+use crate::element::{Float, Magnitude};
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+/// Independent accumulators per sum: enough to hide the add latency on every supported ISA.
+pub(crate) const LANES: usize = 16;
+
+/// The instruction sets the float kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX-512F.
+    Avx512,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// Whatever the build target guarantees (SSE2 on x86-64, NEON on aarch64).
+    Baseline,
+}
+
+/// The instruction set the kernels use on this CPU, detected once.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(detect_isa)
+}
+
+fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::env::var_os("L1L2_FORCE_BASELINE").is_some() {
+            return Isa::Baseline;
+        }
+        if is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Baseline
+}
+
+/// `sum |x|` and `sum x^2` of a contiguous float run, on the best instruction set of this CPU.
+#[inline]
+pub(crate) fn float_sums<T: Float>(run: &[T]) -> FloatPartial {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only after `is_x86_feature_detected!("avx512f")`.
+        Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
+        Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run) },
+        _ => float_sums_generic(run),
+    }
+}
+
+/// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
+/// with that wrapper's target features.
+#[inline(always)]
+pub(crate) fn float_sums_generic<T: Float>(run: &[T]) -> FloatPartial {
+    let mut abs_total = [Compensated::default(); LANES];
+    let mut squares_total = [Compensated::default(); LANES];
+    let fold = |abs: &[f64; LANES],
+                squares: &[f64; LANES],
+                abs_total: &mut [Compensated; LANES],
+                squares_total: &mut [Compensated; LANES]| {
+        for lane in 0..LANES {
+            abs_total[lane].add(abs[lane]);
+            squares_total[lane].add(squares[lane]);
+        }
+    };
+
+    let blocks = run.chunks_exact(LANES * T::STEPS_PER_FOLD);
+    let tail = blocks.remainder();
+    for block in blocks {
+        let mut abs = [0.0f64; LANES];
+        let mut squares = [0.0f64; LANES];
+        for step in block.chunks_exact(LANES) {
+            for lane in 0..LANES {
+                let x = step[lane].widen();
+                abs[lane] += x.abs();
+                squares[lane] += x * x;
+            }
+        }
+        fold(&abs, &squares, &mut abs_total, &mut squares_total);
+    }
+
+    // The tail (< LANES * STEPS_PER_FOLD elements) goes round the lanes in order: at most
+    // STEPS_PER_FOLD plain additions per lane, as in a full block.
+    let mut abs = [0.0f64; LANES];
+    let mut squares = [0.0f64; LANES];
+    for (i, value) in tail.iter().enumerate() {
+        let x = value.widen();
+        abs[i % LANES] += x.abs();
+        squares[i % LANES] += x * x;
+    }
+    fold(&abs, &squares, &mut abs_total, &mut squares_total);
+
+    combine_lanes(abs_total, squares_total)
+}
+
+/// Pairwise (tree) combination of the lanes, in a fixed order.
+#[inline(always)]
+fn combine_lanes(mut abs: [Compensated; LANES], mut squares: [Compensated; LANES]) -> FloatPartial {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for lane in 0..width {
+            abs[lane] = abs[lane].merge(abs[lane + width]);
+            squares[lane] = squares[lane].merge(squares[lane + width]);
+        }
+        width /= 2;
+    }
+    FloatPartial {
+        abs: abs[0],
+        squares: squares[0],
+    }
+}
+
+/// Exact sums of an integer or bool run: a square of a 64-bit value needs up to 128 bits, so the
+/// running sum of squares carries into a 192-bit accumulator.
+pub(crate) fn exact_sums<T: Magnitude>(run: &[T]) -> ExactPartial {
+    let mut abs: u128 = 0;
+    let mut squares = U192::default();
+    for value in run {
+        let magnitude = value.magnitude();
+        abs += u128::from(magnitude);
+        squares.add(u128::from(magnitude) * u128::from(magnitude));
+    }
+    ExactPartial { abs, squares }
+}
