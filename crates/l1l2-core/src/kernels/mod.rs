@@ -86,30 +86,38 @@ pub(crate) fn float_sums_generic<T: Float>(run: &[T]) -> FloatPartial {
     let blocks = run.chunks_exact(LANES * T::STEPS_PER_FOLD);
     let tail = blocks.remainder();
     for block in blocks {
-        let mut abs = [0.0f64; LANES];
-        let mut squares = [0.0f64; LANES];
-        for step in block.chunks_exact(LANES) {
-            for lane in 0..LANES {
-                let x = step[lane].widen();
-                abs[lane] += x.abs();
-                squares[lane] += x * x;
-            }
-        }
+        let (abs, squares) = lane_sums(block);
         fold(&abs, &squares, &mut abs_total, &mut squares_total);
     }
-
-    // The tail (< LANES * STEPS_PER_FOLD elements) goes round the lanes in order: at most
-    // STEPS_PER_FOLD plain additions per lane, as in a full block.
-    let mut abs = [0.0f64; LANES];
-    let mut squares = [0.0f64; LANES];
-    for (i, value) in tail.iter().enumerate() {
+    // The tail (< LANES * STEPS_PER_FOLD elements): its whole steps as in a block, then the last
+    // < LANES elements into the first lanes, so that no lane adds more than STEPS_PER_FOLD terms.
+    let steps = tail.chunks_exact(LANES);
+    let rest = steps.remainder();
+    let (mut abs, mut squares) = lane_sums(&tail[..tail.len() - rest.len()]);
+    let (last_abs, last_squares) = (&mut abs[..rest.len()], &mut squares[..rest.len()]);
+    for ((value, abs), squares) in rest.iter().zip(last_abs).zip(last_squares) {
         let x = value.widen();
-        abs[i % LANES] += x.abs();
-        squares[i % LANES] += x * x;
+        *abs += x.abs();
+        *squares += x * x;
     }
     fold(&abs, &squares, &mut abs_total, &mut squares_total);
 
     combine_lanes(abs_total, squares_total)
+}
+
+/// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
+#[inline(always)]
+fn lane_sums<T: Float>(steps: &[T]) -> ([f64; LANES], [f64; LANES]) {
+    let mut abs = [0.0f64; LANES];
+    let mut squares = [0.0f64; LANES];
+    for step in steps.chunks_exact(LANES) {
+        for lane in 0..LANES {
+            let x = step[lane].widen();
+            abs[lane] += x.abs();
+            squares[lane] += x * x;
+        }
+    }
+    (abs, squares)
 }
 
 /// Pairwise (tree) combination of the lanes, in a fixed order.

@@ -1,0 +1,356 @@
+"""Keras-compatible regularizers computed by the l1l2-rs native core.
+
+The classes mirror ``keras.regularizers`` (Keras 3, with TF 2.4's legacy spellings accepted) and fix
+what Keras gets wrong: factors are kept at full double precision, integer inputs are not truncated
+to a zero penalty, float16 inputs do not overflow, and ``"l1_l2"`` works as documented.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import numpy as np
+
+from . import _l1l2_rs
+
+__all__ = [
+    "L1",
+    "L1L2",
+    "L2",
+    "Regularizer",
+    "deserialize",
+    "get",
+    "l1",
+    "l1_l2",
+    "l2",
+    "penalty",
+    "register_regularizer",
+    "serialize",
+    "sums",
+]
+
+#: What every regularizer call returns: a numpy scalar of the input's float dtype (float64 for
+#: integer and bool input); the base class returns the Python float 0.0, as Keras' does.
+Penalty = Any
+
+_KERAS_MODULE = "keras.regularizers"
+_MISSING: Any = object()
+
+
+def _factor(name: str, value: object, default: float) -> float:
+    """Validate a regularization factor and return it as a full-precision Python float."""
+    if value is None:
+        return default
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Number, Decimal, np.generic)):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    if isinstance(value, (complex, np.complexfloating)):
+        raise ValueError(f"{name} must be a finite non-negative real number, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(
+            f"{name} must be a finite non-negative real number, got {value!r}"
+        ) from error
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite non-negative real number, got {value!r}")
+    return number + 0.0  # -0.0 -> 0.0
+
+
+class Regularizer:
+    """Base class of regularizers, as ``keras.regularizers.Regularizer``.
+
+    Subclasses override ``__call__(x)`` (returning the penalty of ``x``) and ``get_config()``
+    (returning the constructor arguments as a JSON-safe dict); ``from_config`` then rebuilds them.
+    """
+
+    def __call__(self, x: Any) -> Penalty:
+        return 0.0
+
+    @classmethod
+    def from_config(cls: type[_R], config: dict[str, Any]) -> _R:
+        """Create a regularizer from the dict ``get_config`` returned."""
+        return cls(**config)
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments of this regularizer, JSON-safe."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement get_config()")
+
+
+_R = TypeVar("_R", bound=Regularizer)
+
+
+class _Builtin(Regularizer):
+    """Value semantics shared by the built-in regularizers: repr, equality and hash by config."""
+
+    def get_config(self) -> dict[str, float]:
+        raise NotImplementedError  # pragma: no cover - every built-in overrides it
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+        return f"{type(self).__name__}({arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        assert isinstance(other, _Builtin)
+        return self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__qualname__, *self.get_config().values()))
+
+
+def _legacy_l(cls_name: str, name: str, value: float | None, legacy: object) -> object:
+    """Resolve TF 2.4's ``l=`` keyword of ``L1``/``L2``."""
+    if legacy is _MISSING:
+        return value
+    if value is not None:
+        raise TypeError(f"{cls_name}() got both {name}= and its legacy alias l=")
+    warnings.warn(
+        f"{cls_name}(l=...) is deprecated (TF 2.4 spelling); use {cls_name}({name}=...)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return legacy
+
+
+class L1(_Builtin):
+    """``l1 * sum(|x|)``. ``L1(0)`` still evaluates the sum, so NaN in ``x`` propagates (as in Keras)."""
+
+    def __init__(self, l1: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
+        self.l1 = _factor("l1", _legacy_l("L1", "l1", l1, l), 0.01)
+
+    def __call__(self, x: Any) -> Penalty:
+        return _l1l2_rs.penalty(x, self.l1, None)
+
+    def get_config(self) -> dict[str, float]:
+        return {"l1": self.l1}
+
+
+class L2(_Builtin):
+    """``l2 * sum(x**2)``. ``L2(0)`` still evaluates the sum, so NaN in ``x`` propagates (as in Keras)."""
+
+    def __init__(self, l2: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
+        self.l2 = _factor("l2", _legacy_l("L2", "l2", l2, l), 0.01)
+
+    def __call__(self, x: Any) -> Penalty:
+        return _l1l2_rs.penalty(x, None, self.l2)
+
+    def get_config(self) -> dict[str, float]:
+        return {"l2": self.l2}
+
+
+class L1L2(_Builtin):
+    """``l1 * sum(|x|) + l2 * sum(x**2)``; a zero factor drops its term entirely (as in Keras)."""
+
+    def __init__(self, l1: float | None = None, l2: float | None = None) -> None:
+        self.l1 = _factor("l1", l1, 0.0)
+        self.l2 = _factor("l2", l2, 0.0)
+
+    def __call__(self, x: Any) -> Penalty:
+        return _l1l2_rs.penalty(x, self.l1 or None, self.l2 or None)
+
+    def get_config(self) -> dict[str, float]:
+        return {"l1": self.l1, "l2": self.l2}
+
+
+l1 = L1
+l2 = L2
+
+
+def l1_l2(l1: float | None = 0.01, l2: float | None = 0.01) -> L1L2:
+    """``L1L2`` with TF 2.4's defaults of 0.01 for both factors."""
+    return L1L2(
+        l1=_factor("l1", l1, 0.01),
+        l2=_factor("l2", l2, 0.01),
+    )
+
+
+def penalty(x: Any, l1: float | None = 0.0, l2: float | None = 0.0) -> Penalty:
+    """``L1L2(l1, l2)(x)`` without building an object: a numpy scalar of ``x``'s float dtype."""
+    factor1 = _factor("l1", l1, 0.0)
+    factor2 = _factor("l2", l2, 0.0)
+    return _l1l2_rs.penalty(x, factor1 or None, factor2 or None)
+
+
+def sums(x: Any) -> tuple[float, float]:
+    """``(sum(|x|), sum(x**2))`` as Python floats, computed in float64 in one pass."""
+    return _l1l2_rs.sums(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The identifier registry: one place for every name `get` and `deserialize` understand.
+
+#: Built-in class names, as Keras writes them in configs.
+_BUILTIN_CLASSES: dict[str, type[Regularizer]] = {"L1": L1, "L2": L2, "L1L2": L1L2}
+
+#: String identifiers and what they build. ``"l1_l2"`` is TF 2.4's function with its 0.01 defaults.
+_STRING_IDENTIFIERS: dict[str, Callable[[], Regularizer]] = {
+    "l1": L1,
+    "L1": L1,
+    "l2": L2,
+    "L2": L2,
+    "l1_l2": l1_l2,
+    "L1L2": L1L2,
+    "l1l2": L1L2,
+}
+
+#: User classes registered with `register_regularizer`, by "package>name".
+_REGISTERED: dict[str, type[Regularizer]] = {}
+
+
+def register_regularizer(
+    package: str = "Custom", name: str | None = None
+) -> Callable[[type[_R]], type[_R]]:
+    """Class decorator registering a ``Regularizer`` subclass under ``"package>name"``.
+
+    ``name`` defaults to the class name. The class is then found by ``get``, ``deserialize`` and
+    Keras-format configs by that key or by its bare name. Registering the same class again is a
+    no-op; a different class under a taken key raises ``ValueError``.
+    """
+    if not isinstance(package, str) or ">" in package:
+        raise ValueError(f"package must be a string without '>', got {package!r}")
+
+    def decorator(cls: type[_R]) -> type[_R]:
+        if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+            raise TypeError(f"register_regularizer expects a Regularizer subclass, got {cls!r}")
+        key = f"{package}>{name or cls.__name__}"
+        existing = _REGISTERED.get(key)
+        if existing is not None and existing is not cls:
+            raise ValueError(
+                f"{key!r} is already registered to {existing.__module__}.{existing.__qualname__}"
+            )
+        _REGISTERED[key] = cls
+        cls._l1l2_registered_name = key  # type: ignore[attr-defined]
+        return cls
+
+    return decorator
+
+
+def _registered_name(cls: type[Regularizer]) -> str | None:
+    key: str | None = cls.__dict__.get("_l1l2_registered_name")
+    return key
+
+
+def _accepted_names() -> str:
+    names = [*_STRING_IDENTIFIERS, *_REGISTERED, *(key.split(">", 1)[1] for key in _REGISTERED)]
+    return ", ".join(repr(name) for name in dict.fromkeys(names))
+
+
+def _find_class(
+    name: str, custom_objects: dict[str, Any] | None = None
+) -> type[Regularizer] | Callable[..., Any] | None:
+    if custom_objects and name in custom_objects:
+        found: Any = custom_objects[name]
+        return found
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    by_bare_name = [cls for key, cls in _REGISTERED.items() if key.split(">", 1)[1] == name]
+    if len(by_bare_name) == 1:
+        return by_bare_name[0]
+    return _BUILTIN_CLASSES.get(name)
+
+
+def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]:  # noqa: A002
+    """The config dict of a regularizer: Keras 3's format, or TF 2.4's with ``format="tf2"``.
+
+    Built-in classes serialize under ``module: "keras.regularizers"`` so that Keras loads them.
+    """
+    if format not in ("keras3", "tf2"):
+        raise ValueError(f"format must be 'keras3' or 'tf2', got {format!r}")
+    if not isinstance(regularizer, Regularizer):
+        raise TypeError(f"serialize expects a Regularizer, got {regularizer!r}")
+    cls = type(regularizer)
+    config = regularizer.get_config()
+    builtin = _BUILTIN_CLASSES.get(cls.__name__) is cls
+    registered = None if builtin else (_registered_name(cls) or cls.__name__)
+    if format == "tf2":
+        return {"class_name": registered or cls.__name__, "config": config}
+    return {
+        "module": _KERAS_MODULE if builtin else None,
+        "class_name": cls.__name__,
+        "config": config,
+        "registered_name": registered,
+    }
+
+
+def deserialize(
+    config: dict[str, Any] | str, custom_objects: dict[str, Any] | None = None
+) -> Regularizer | Callable[..., Any]:
+    """A regularizer from a config in Keras 3's or TF 2.4's format (or a string identifier).
+
+    A missing ``"config"`` means the class defaults; unknown keys in it raise ``TypeError``.
+    """
+    if isinstance(config, str):
+        if custom_objects and config in custom_objects:
+            return _instantiate(custom_objects[config], {})
+        return _from_string(config)
+    if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
+        raise ValueError(
+            "a regularizer config must be a dict with a string 'class_name', got " f"{config!r}"
+        )
+    class_name: str = config["class_name"]
+    registered_name = config.get("registered_name")
+    cls = None
+    if isinstance(registered_name, str):
+        cls = _find_class(registered_name, custom_objects)
+    if cls is None:
+        cls = _find_class(class_name, custom_objects)
+    if cls is None:
+        raise ValueError(
+            f"Unknown regularizer class {class_name!r}; accepted: 'L1', 'L2', 'L1L2', "
+            f"registered classes and custom_objects ({_accepted_names()})"
+        )
+    arguments = config.get("config") or {}
+    if not isinstance(arguments, dict):
+        raise ValueError(f"'config' of a regularizer must be a dict, got {arguments!r}")
+    return _instantiate(cls, arguments)
+
+
+def _instantiate(cls: Any, arguments: dict[str, Any]) -> Regularizer | Callable[..., Any]:
+    if isinstance(cls, type) and issubclass(cls, Regularizer):
+        return cls.from_config(dict(arguments))
+    if callable(cls) and not arguments:
+        return cls  # a plain function registered as a custom object
+    raise ValueError(f"cannot build a regularizer from {cls!r} with config {arguments!r}")
+
+
+def _from_string(identifier: str) -> Regularizer:
+    factory = _STRING_IDENTIFIERS.get(identifier)
+    if factory is not None:
+        return factory()
+    cls = _find_class(identifier)
+    if isinstance(cls, type) and issubclass(cls, Regularizer):
+        return cls()
+    raise ValueError(
+        f"Could not interpret regularizer identifier: {identifier!r}; "
+        f"accepted names: {_accepted_names()}"
+    )
+
+
+def get(identifier: Any) -> Regularizer | Callable[..., Any] | None:
+    """Resolve a regularizer identifier the way Keras' ``regularizers.get`` does.
+
+    ``None`` -> ``None``; a regularizer or any callable -> itself; a ``Regularizer`` subclass -> an
+    instance with default arguments; a string -> the named regularizer (see the README); a dict ->
+    ``deserialize(identifier)``.
+    """
+    if identifier is None:
+        return None
+    if isinstance(identifier, Regularizer):
+        return identifier
+    if isinstance(identifier, type) and issubclass(identifier, Regularizer):
+        return identifier()
+    if isinstance(identifier, dict):
+        return deserialize(identifier)
+    if isinstance(identifier, str):
+        return _from_string(identifier)
+    if callable(identifier):
+        return identifier
+    raise ValueError(f"Could not interpret regularizer identifier: {identifier!r}")

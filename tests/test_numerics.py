@@ -1,0 +1,234 @@
+"""Values, dtypes and layouts against exact references (tests/conftest.py), not against ourselves."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import (
+    BFLOAT16,
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    assert_within_ulps,
+    exact_penalty,
+    exact_sums,
+)
+
+import l1l2_rs
+
+ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES + [np.bool_]
+
+
+def make(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Random data of ``dtype`` spanning its range sensibly (no overflow in the penalty itself)."""
+    kind = np.dtype(dtype).kind
+    if kind == "b":
+        return rng.random(shape) < 0.5
+    if kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    scale = 1e3 if np.dtype(dtype).itemsize > 2 else 30.0
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def layouts(base: np.ndarray) -> dict[str, np.ndarray]:
+    """The same kind of data in every layout the core must read in place."""
+    cube = base[: 4 * 5 * 6].reshape(4, 5, 6)
+    return {
+        "C": base,
+        "F": np.asfortranarray(base[: 7 * 11].reshape(7, 11)),
+        "step3": base[::3],
+        "reversed": base[::-1],
+        "transposed3d": cube.transpose(2, 0, 1),
+        "negative2d": cube[:, ::-2, 1::2],
+        "broadcast": np.broadcast_to(base[:7], (9, 7)),
+        "zero_d": base[3].reshape(()),
+        "empty": base[:0],
+        "empty2d": base[:0].reshape(0, 3),
+    }
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_dtype_and_layout_against_exact_reference(
+    dtype: Any, rng: np.random.Generator
+) -> None:
+    base = make(rng, (1000,), dtype)
+    out_dtype = np.dtype(dtype) if np.dtype(dtype).kind in "fV" else np.dtype(np.float64)
+    for name, view in layouts(base).items():
+        abs_sum, squares = exact_sums(view)
+        got_abs, got_squares = l1l2_rs.sums(view)
+        assert isinstance(got_abs, float) and isinstance(got_squares, float)
+        assert_within_ulps(got_abs, float(abs_sum), np.float64, 4)
+        assert_within_ulps(got_squares, float(squares), np.float64, 4)
+        result = l1l2_rs.L1L2(0.01, 0.001)(view)
+        assert result.dtype == out_dtype, name
+        assert_within_ulps(result, exact_penalty(view, 0.01, 0.001), out_dtype, 1)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 1023, 1025, 40_000, 300_001])
+def test_lengths_across_lane_block_and_chunk_boundaries(
+    dtype: Any, size: int, rng: np.random.Generator
+) -> None:
+    x = make(rng, (size,), dtype)
+    ulps = 4 if np.dtype(dtype) == np.float64 else 1
+    for l1, l2 in [(0.01, 0.0), (0.0, 0.01), (1e-3, 7e-4)]:
+        assert_within_ulps(l1l2_rs.L1L2(l1, l2)(x), exact_penalty(x, l1, l2), dtype, ulps)
+
+
+def test_float64_is_within_4_ulp_on_hard_data(rng: np.random.Generator) -> None:
+    # Values over 30 decades: plain float64 summation loses many ulp here.
+    x = rng.standard_normal(200_000) * 10.0 ** rng.integers(-15, 15, 200_000)
+    abs_sum, squares = exact_sums(x)
+    got_abs, got_squares = l1l2_rs.sums(x)
+    assert_within_ulps(got_abs, float(abs_sum), np.float64, 4)
+    assert_within_ulps(got_squares, float(squares), np.float64, 4)
+
+
+def test_float16_penalty_that_fits_is_finite() -> None:
+    # Keras computes sum(x**2) in float16 here and returns inf; the true penalty is ~4.3e3.
+    x = np.full(1000, 65504.0, dtype=np.float16)
+    result = l1l2_rs.L2(1e-9)(x)
+    assert result.dtype == np.float16
+    assert np.isfinite(result)
+    assert_within_ulps(result, exact_penalty(x, 0.0, 1e-9), np.float16, 1)
+    # ... and one that does not fit overflows to inf, as float16 must.
+    assert np.isinf(l1l2_rs.L2(1.0)(x))
+
+
+def test_factor_is_not_rounded_to_float32_and_result_is_rounded_once() -> None:
+    # l1 = 1 + 2**-11 + 2**-30 lies just above a float16 tie. Rounded to float32 first (as TF 2.4
+    # rounds factors, or a float64 -> float32 -> float16 cast), the 2**-30 is lost and the tie goes
+    # to even, 1.0. Rounded once, the result is the next float16 up.
+    factor = 1 + 2**-11 + 2**-30
+    result = l1l2_rs.L1(factor)(np.ones(1, dtype=np.float16))
+    assert result.dtype == np.float16
+    assert float(result) == 1 + 2**-10
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES + [np.bool_], ids=lambda d: np.dtype(d).name)
+def test_integer_inputs_use_the_full_factor(dtype: Any) -> None:
+    x = np.array([1, 0, 1, 1], dtype=dtype)
+    result = l1l2_rs.L1(0.01)(x)  # Keras truncates 0.01 to int 0 and returns 0
+    assert result.dtype == np.float64
+    assert result == 0.01 * 3
+    assert l1l2_rs.L1L2(0.25, 0.5)(x) == 0.25 * 3 + 0.5 * 3
+
+
+def test_int64_extremes_are_exact() -> None:
+    x = np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1] * 3, dtype=np.int64)
+    abs_sum, squares = exact_sums(x)
+    assert l1l2_rs.sums(x) == (float(abs_sum), float(squares))
+    u = np.full(5, np.iinfo(np.uint64).max, dtype=np.uint64)
+    assert l1l2_rs.sums(u) == tuple(float(v) for v in exact_sums(u))
+
+
+class TestNanAndZeroFactors:
+    x = np.array([1.0, np.nan, -2.0], dtype=np.float32)
+
+    def test_l1l2_zero_factors_skip_terms(self) -> None:
+        assert l1l2_rs.L1L2(0.0, 0.0)(self.x) == 0
+        assert l1l2_rs.L1L2(0.0, 0.0)(self.x).dtype == np.float32
+        assert np.isnan(l1l2_rs.L1L2(0.0, 0.1)(self.x))
+
+    def test_l1_l2_zero_factor_still_propagates_nan(self) -> None:
+        assert np.isnan(l1l2_rs.L1(0.0)(self.x))
+        assert np.isnan(l1l2_rs.L2(0.0)(self.x))
+
+    def test_infinity_propagates(self) -> None:
+        y = np.array([1.0, -np.inf], dtype=np.float16)
+        assert l1l2_rs.L1(0.5)(y) == np.inf
+        assert l1l2_rs.L2(0.5)(y) == np.inf
+
+    def test_empty_gives_zero_of_input_dtype(self) -> None:
+        for dtype in FLOAT_DTYPES:
+            result = l1l2_rs.L1L2(0.1, 0.1)(np.zeros(0, dtype=dtype))
+            assert result == 0 and result.dtype == np.dtype(dtype)
+
+
+def test_signed_zeros_and_subnormals() -> None:
+    tiny = np.finfo(np.float64).smallest_subnormal
+    x = np.array([-0.0, 0.0, tiny, -tiny])
+    assert l1l2_rs.sums(x) == (2 * tiny, 0.0)
+    h = np.array([np.finfo(np.float16).smallest_subnormal] * 2, dtype=np.float16)
+    assert l1l2_rs.sums(h) == (2.0**-23, 2.0**-47)
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="ml_dtypes is not installed")
+def test_bfloat16_result_type() -> None:
+    x = np.arange(-8, 8).astype(BFLOAT16)
+    result = l1l2_rs.L1L2(0.5, 0.0)(x)
+    assert result.dtype == np.dtype(BFLOAT16)
+    assert float(result) == 0.5 * 64
+
+
+def test_array_likes_are_accepted() -> None:
+    assert l1l2_rs.sums([1, -2, 3]) == (6.0, 14.0)
+    assert l1l2_rs.sums(-3.0) == (3.0, 9.0)
+    assert l1l2_rs.sums(memoryview(np.array([1.5, -2.5]))) == (4.0, 8.5)
+    assert l1l2_rs.L1(0.5)([[1.0, -1.0]]).dtype == np.float64
+
+    class ArrayLike:
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            return np.array([3.0, 4.0], dtype=np.float32)
+
+    assert l1l2_rs.L2(1.0)(ArrayLike()) == np.float32(25.0)
+
+
+def test_jax_arrays_are_accepted() -> None:
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.arange(6, dtype=jnp.float32) - 2.5
+    result = l1l2_rs.L1L2(0.1, 0.2)(x)
+    assert result.dtype == np.float32
+    assert_within_ulps(result, exact_penalty(np.asarray(x), 0.1, 0.2), np.float32, 1)
+
+
+def test_byte_swapped_and_unaligned_arrays() -> None:
+    swapped = np.arange(10, dtype=">f8")
+    assert l1l2_rs.sums(swapped) == (45.0, 285.0)
+    raw = np.zeros(8 * 10 + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float64)
+    unaligned[:] = np.arange(10)
+    assert not unaligned.flags.aligned
+    assert l1l2_rs.sums(unaligned) == (45.0, 285.0)
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (np.ones(3, dtype=np.complex128), "complex128"),
+        (np.array([object()]), "object"),
+        (np.array(["a", "b"]), "<U1"),
+        (np.array(["2020-01-01"], dtype="datetime64[D]"), "datetime64"),
+        ("weights", "<U7"),
+    ],
+)
+def test_unsupported_dtypes_raise_type_error_naming_the_dtype(bad: Any, fragment: str) -> None:
+    with pytest.raises(TypeError, match=fragment.replace("[", r"\[")):
+        l1l2_rs.sums(bad)
+    with pytest.raises(TypeError, match=fragment.replace("[", r"\[")):
+        l1l2_rs.L1L2(0.1, 0.1)(bad)
+
+
+def test_longdouble_is_refused() -> None:
+    x = np.ones(3, dtype=np.longdouble)
+    if x.dtype.itemsize <= 8:
+        pytest.skip("longdouble is float64 on this platform")
+    with pytest.raises(TypeError, match="float128"):
+        l1l2_rs.sums(x)
+
+
+def test_mutably_borrowed_arrays_and_read_only_arrays() -> None:
+    x = np.arange(100.0)
+    x.setflags(write=False)
+    assert l1l2_rs.sums(x) == (4950.0, float(sum(i * i for i in range(100))))
+
+
+def test_memory_mapped_files(tmp_path: Any) -> None:
+    path = tmp_path / "w.npy"
+    np.save(path, np.arange(-50, 50, dtype=np.float32))
+    mapped = np.load(path, mmap_mode="r")
+    assert l1l2_rs.sums(mapped) == (2500.0, float(sum(i * i for i in range(-50, 50))))
+    assert math.isfinite(float(l1l2_rs.L1L2(0.1, 0.1)(mapped)))
