@@ -65,7 +65,12 @@ def exact_penalty(x: np.ndarray, l1: float, l2: float) -> float:
 
 
 #: (significand bits, smallest normal exponent) of each float format.
-_FORMATS = {"float16": (11, -14), "bfloat16": (8, -126), "float32": (24, -126), "float64": (53, -1022)}
+_FORMATS = {
+    "float16": (11, -14),
+    "bfloat16": (8, -126),
+    "float32": (24, -126),
+    "float64": (53, -1022),
+}
 
 
 def ulp_of(value: float, dtype: Any) -> float:
@@ -84,11 +89,14 @@ def assert_within_ulps(got: Any, expected: float, dtype: Any, ulps: float) -> No
     with np.errstate(over="ignore"):
         in_dtype = float(np.array(expected, dtype=np.float64).astype(dtype)) if expected else 0.0
     if math.isinf(expected) or math.isinf(in_dtype):
-        assert got_value == in_dtype, f"got {got_value!r}, exact {expected!r} overflows to {in_dtype}"
+        assert got_value == in_dtype, (
+            f"got {got_value!r}, exact {expected!r} overflows to {in_dtype}"
+        )
         return
     tolerance = ulps * ulp_of(expected, dtype)
+    off_by = abs(got_value - expected) / ulp_of(expected, dtype)
     assert abs(got_value - expected) <= tolerance, (
-        f"got {got_value!r}, exact {expected!r}, off by {abs(got_value - expected) / ulp_of(expected, dtype):.2f} ulp"
+        f"got {got_value!r}, exact {expected!r}, off by {off_by:.2f} ulp"
     )
 
 

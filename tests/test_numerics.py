@@ -1,4 +1,4 @@
-"""Values, dtypes and layouts against exact references (tests/conftest.py), not against ourselves."""
+"""Values, dtypes and layouts against exact references (tests/conftest.py), never our own output."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+import l1l2_rs
 from conftest import (
     BFLOAT16,
     FLOAT_DTYPES,
@@ -15,8 +17,6 @@ from conftest import (
     exact_penalty,
     exact_sums,
 )
-
-import l1l2_rs
 
 ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES + [np.bool_]
 
@@ -108,7 +108,7 @@ def test_factor_is_not_rounded_to_float32_and_result_is_rounded_once() -> None:
     assert float(result) == 1 + 2**-10
 
 
-@pytest.mark.parametrize("dtype", INT_DTYPES + [np.bool_], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [*INT_DTYPES, np.bool_], ids=lambda d: np.dtype(d).name)
 def test_integer_inputs_use_the_full_factor(dtype: Any) -> None:
     x = np.array([1, 0, 1, 1], dtype=dtype)
     result = l1l2_rs.L1(0.01)(x)  # Keras truncates 0.01 to int 0 and returns 0

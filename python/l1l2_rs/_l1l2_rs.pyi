@@ -4,6 +4,16 @@ from typing import Final
 
 import numpy as np
 
+__all__ = [
+    "CHUNK_LEN",
+    "PARALLEL_MIN_LEN",
+    "get_num_threads",
+    "penalty",
+    "set_num_threads",
+    "simd_isa",
+    "sums",
+]
+
 CHUNK_LEN: Final[int]
 PARALLEL_MIN_LEN: Final[int]
 

@@ -48,8 +48,12 @@ def _factor(name: str, value: object, default: float) -> float:
         return default
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Number, Decimal, np.generic)):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    if isinstance(value, (str, bytes)) or not isinstance(
+        value, (numbers.Number, Decimal, np.generic)
+    ):
+        raise TypeError(
+            f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
+        )
     if isinstance(value, (complex, np.complexfloating)):
         raise ValueError(f"{name} must be a finite non-negative real number, got {value!r}")
     try:
@@ -121,7 +125,7 @@ def _legacy_l(cls_name: str, name: str, value: float | None, legacy: object) -> 
 
 
 class L1(_Builtin):
-    """``l1 * sum(|x|)``. ``L1(0)`` still evaluates the sum, so NaN in ``x`` propagates (as in Keras)."""
+    """``l1 * sum(|x|)``. ``L1(0)`` still evaluates the sum: NaN in ``x`` propagates (as Keras)."""
 
     def __init__(self, l1: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
         self.l1 = _factor("l1", _legacy_l("L1", "l1", l1, l), 0.01)
@@ -134,7 +138,7 @@ class L1(_Builtin):
 
 
 class L2(_Builtin):
-    """``l2 * sum(x**2)``. ``L2(0)`` still evaluates the sum, so NaN in ``x`` propagates (as in Keras)."""
+    """``l2 * sum(x**2)``. ``L2(0)`` still evaluates the sum: NaN in ``x`` propagates (as Keras)."""
 
     def __init__(self, l2: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
         self.l2 = _factor("l2", _legacy_l("L2", "l2", l2, l), 0.01)
@@ -247,7 +251,7 @@ def _find_class(
     name: str, custom_objects: dict[str, Any] | None = None
 ) -> type[Regularizer] | Callable[..., Any] | None:
     if custom_objects and name in custom_objects:
-        found: Any = custom_objects[name]
+        found: type[Regularizer] | Callable[..., Any] = custom_objects[name]
         return found
     if name in _REGISTERED:
         return _REGISTERED[name]
@@ -257,7 +261,7 @@ def _find_class(
     return _BUILTIN_CLASSES.get(name)
 
 
-def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]:  # noqa: A002
+def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]:
     """The config dict of a regularizer: Keras 3's format, or TF 2.4's with ``format="tf2"``.
 
     Built-in classes serialize under ``module: "keras.regularizers"`` so that Keras loads them.
@@ -293,7 +297,7 @@ def deserialize(
         return _from_string(config)
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise ValueError(
-            "a regularizer config must be a dict with a string 'class_name', got " f"{config!r}"
+            f"a regularizer config must be a dict with a string 'class_name', got {config!r}"
         )
     class_name: str = config["class_name"]
     registered_name = config.get("registered_name")
@@ -317,7 +321,8 @@ def _instantiate(cls: Any, arguments: dict[str, Any]) -> Regularizer | Callable[
     if isinstance(cls, type) and issubclass(cls, Regularizer):
         return cls.from_config(dict(arguments))
     if callable(cls) and not arguments:
-        return cls  # a plain function registered as a custom object
+        function: Callable[..., Any] = cls  # a plain function registered as a custom object
+        return function
     raise ValueError(f"cannot build a regularizer from {cls!r} with config {arguments!r}")
 
 
@@ -352,5 +357,6 @@ def get(identifier: Any) -> Regularizer | Callable[..., Any] | None:
     if isinstance(identifier, str):
         return _from_string(identifier)
     if callable(identifier):
-        return identifier
+        function: Callable[..., Any] = identifier
+        return function
     raise ValueError(f"Could not interpret regularizer identifier: {identifier!r}")

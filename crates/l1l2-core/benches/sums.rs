@@ -10,7 +10,9 @@ fn data<T: Element>(len: usize, convert: impl Fn(f64) -> T) -> Vec<T> {
     let mut state = 42u64;
     (0..len)
         .map(|_| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
             convert((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5)
         })
         .collect()

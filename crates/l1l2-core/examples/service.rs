@@ -18,7 +18,9 @@ fn main() {
         .map(|_| {
             (0..per_layer)
                 .map(|_| {
-                    state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1);
                     ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
                 })
                 .collect()

@@ -224,7 +224,7 @@ mod tests {
             2f64.powi(-24) * 0.5,                  // tie at the smallest subnormal -> 0
             2f64.powi(-24) * 0.5000001,            // -> smallest subnormal
             6.1e-5,                                // around the smallest normal
-            -3.14159,
+            -3.25159,
             0.099_975_585_937_5, // within 1 ulp under a power-of-two boundary? (sanity)
             2047.9999,
             1.999_999_999_9,

@@ -175,9 +175,10 @@ mod tests {
     use crate::accumulate::ExactPartial;
 
     fn count_leaf(range: Range<usize>) -> ExactPartial {
-        let mut partial = ExactPartial::default();
-        partial.abs = range.len() as u128;
-        partial
+        ExactPartial {
+            abs: range.len() as u128,
+            ..ExactPartial::default()
+        }
     }
 
     #[test]

@@ -171,8 +171,8 @@ fn any_f64() -> impl Strategy<Value = f64> {
         4 => -1e3f64..1e3,
         1 => prop::num::f64::NORMAL | prop::num::f64::SUBNORMAL | prop::num::f64::ZERO,
         1 => Just(-0.0),
-        1 => (-1e-150f64..1e-150),
-        1 => (-1e150f64..1e150),
+        1 => -1e-150f64..1e-150,
+        1 => -1e150f64..1e150,
     ]
 }
 

@@ -1,0 +1,168 @@
+"""Cross-checks against real Keras 3 (numpy backend): configs, values, dtypes, layers.
+
+Each deliberate deviation from Keras is asserted here too, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+import l1l2_rs
+from conftest import assert_within_ulps, exact_penalty
+
+keras = pytest.importorskip("keras")  # the test extra installs it; CI must not skip this file
+from keras import regularizers as kr  # noqa: E402
+
+PAIRS = [
+    (l1l2_rs.L1(0.01), kr.L1(0.01)),
+    (l1l2_rs.L2(0.02), kr.L2(0.02)),
+    (l1l2_rs.L1L2(0.01, 0.02), kr.L1L2(0.01, 0.02)),
+    (l1l2_rs.L1L2(0.0, 0.3), kr.L1L2(0.0, 0.3)),
+    (l1l2_rs.L1L2(), kr.L1L2()),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS, ids=repr)
+def test_serialize_matches_keras(ours: Any, theirs: Any) -> None:
+    expected = kr.serialize(theirs)
+    got = l1l2_rs.serialize(ours)
+    assert got.keys() == expected.keys()
+    assert {k: v for k, v in got.items() if k != "config"} == {
+        k: v for k, v in expected.items() if k != "config"
+    }
+    # Keras 3 stores L1's factor as a float32 tensor (0.01 -> 0.009999999776482582); we keep the
+    # double the user gave. Every other factor is identical.
+    for key, value in expected["config"].items():
+        if isinstance(ours, l1l2_rs.L1):
+            assert value == float(np.float32(got["config"][key]))
+        else:
+            assert value == got["config"][key]
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS, ids=repr)
+def test_configs_round_trip_both_ways(ours: Any, theirs: Any) -> None:
+    loaded_by_keras = kr.deserialize(json.loads(json.dumps(l1l2_rs.serialize(ours))))
+    assert type(loaded_by_keras).__name__ == type(ours).__name__
+    assert loaded_by_keras.get_config().keys() == ours.get_config().keys()
+    loaded_by_us = l1l2_rs.deserialize(json.loads(json.dumps(kr.serialize(theirs))))
+    assert type(loaded_by_us) is type(ours)
+    for key, value in loaded_by_us.get_config().items():
+        assert value == pytest.approx(ours.get_config()[key], rel=1e-7)
+
+
+def test_dense_layer_config_json_both_ways() -> None:
+    layer = keras.layers.Dense(
+        4, kernel_regularizer=kr.L1L2(0.01, 0.02), bias_regularizer=kr.L2(0.5)
+    )
+    text = json.dumps(keras.saving.serialize_keras_object(layer))
+    config = json.loads(text)["config"]
+    assert l1l2_rs.deserialize(config["kernel_regularizer"]) == l1l2_rs.L1L2(0.01, 0.02)
+    assert l1l2_rs.deserialize(config["bias_regularizer"]) == l1l2_rs.L2(0.5)
+    # And a layer config we write, loaded by Keras.
+    config["kernel_regularizer"] = l1l2_rs.serialize(l1l2_rs.L1L2(0.25, 0.125))
+    rebuilt = keras.saving.deserialize_keras_object(
+        json.loads(
+            json.dumps(
+                {
+                    "module": "keras.layers",
+                    "class_name": "Dense",
+                    "config": config,
+                    "registered_name": None,
+                }
+            )
+        )
+    )
+    assert rebuilt.kernel_regularizer.get_config() == {"l1": 0.25, "l2": 0.125}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ours, theirs", PAIRS, ids=repr)
+def test_values_and_dtypes_match_keras(ours: Any, theirs: Any, dtype: Any) -> None:
+    x = np.random.default_rng(0).standard_normal((64, 33)).astype(dtype)
+    got = ours(x)
+    expected = np.asarray(theirs(x))
+    assert got.dtype == expected.dtype == np.dtype(dtype)
+    # Keras' float32 result carries float32 summation error and (L1) a float32 factor; ours is
+    # the exactly rounded value. They agree to Keras' own accuracy ...
+    assert float(got) == pytest.approx(float(expected), rel=2e-6 if dtype == np.float32 else 1e-7)
+    # ... and ours is within 1 ulp of the exact penalty.
+    config = ours.get_config()
+    l1, l2 = config.get("l1", 0.0), config.get("l2", 0.0)
+    assert_within_ulps(got, exact_penalty(x, l1, l2), dtype, 1)
+
+
+def test_model_losses_with_our_regularizer_in_a_dense_layer() -> None:
+    kernel = keras.initializers.Constant(np.linspace(-1, 1, 12).reshape(3, 4))
+    ours = keras.layers.Dense(
+        4, kernel_initializer=kernel, kernel_regularizer=l1l2_rs.L1L2(0.01, 0.02)
+    )
+    theirs = keras.layers.Dense(
+        4, kernel_initializer=kernel, kernel_regularizer=kr.L1L2(0.01, 0.02)
+    )
+    x = np.ones((2, 3), dtype=np.float32)
+    ours(x)
+    theirs(x)
+    assert len(ours.losses) == len(theirs.losses) == 1
+    assert float(ours.losses[0]) == pytest.approx(float(theirs.losses[0]), rel=1e-6)
+    model = keras.Sequential([keras.Input((3,)), ours])
+    model(x)
+    assert float(model.losses[0]) == pytest.approx(float(theirs.losses[0]), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Intended deviations, each asserted against what Keras does.
+
+
+def test_deviation_float16_finite_where_keras_overflows() -> None:
+    x = np.full(100, 60000.0, dtype=np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        keras_l1 = np.asarray(kr.L1(1e-3)(x))  # sum(|x|) = 6e6 overflows float16: inf
+        keras_l2 = np.asarray(kr.L2(1e-8)(x))  # inf * (1e-8 underflowed to 0): nan
+    assert np.isinf(keras_l1) and np.isnan(keras_l2)
+    for ours, l1, l2 in [(l1l2_rs.L1(1e-3)(x), 1e-3, 0.0), (l1l2_rs.L2(1e-8)(x), 0.0, 1e-8)]:
+        assert ours.dtype == np.float16 and np.isfinite(ours)  # true values 6000 and 3600
+        assert_within_ulps(ours, exact_penalty(x, l1, l2), np.float16, 1)
+
+
+def test_deviation_integer_inputs() -> None:
+    x = np.arange(-5, 5, dtype=np.int32)
+    keras_value = np.asarray(kr.L1(0.01)(x))
+    assert keras_value.dtype == np.int32 and keras_value == 0  # factor truncated to int 0
+    ours = l1l2_rs.L1(0.01)(x)
+    assert ours.dtype == np.float64 and ours == pytest.approx(0.25, rel=1e-15)
+
+
+def test_deviation_l1_l2_string() -> None:
+    with pytest.raises(ValueError):
+        kr.get("l1_l2")  # Keras 3 documents but rejects it
+    assert l1l2_rs.get("l1_l2") == l1l2_rs.L1L2(0.01, 0.01)
+
+
+def test_deviation_float32_factor_rounding() -> None:
+    # Keras 3's L1 (and TF 2.4's every class) rounds the factor to float32.
+    assert kr.L1(0.1).get_config()["l1"] == float(np.float32(0.1)) != 0.1
+    assert l1l2_rs.L1(0.1).get_config()["l1"] == 0.1
+    x = np.ones(1, dtype=np.float64)
+    assert float(np.asarray(kr.L1(0.1)(x))) == float(np.float32(0.1))
+    assert float(l1l2_rs.L1(0.1)(x)) == 0.1
+
+
+def test_deviation_negative_factors_rejected() -> None:
+    with pytest.raises(ValueError, match="l1"):
+        l1l2_rs.L1(-0.1)
+
+
+def test_same_keras_semantics_for_zero_factors_and_nan() -> None:
+    x = np.array([1.0, np.nan], dtype=np.float32)
+    for ours, theirs in [
+        (l1l2_rs.L1L2(0.0, 0.0), kr.L1L2(0.0, 0.0)),
+        (l1l2_rs.L1(0.0), kr.L1(0.0)),
+        (l1l2_rs.L2(0.0), kr.L2(0.0)),
+    ]:
+        a, b = float(ours(x)), float(np.asarray(theirs(x)))
+        assert (math.isnan(a) and math.isnan(b)) or a == b
