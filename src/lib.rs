@@ -209,6 +209,35 @@ fn penalty<'py>(
     scalar_type.call1((rounded,))
 }
 
+/// Benchmark roofline: reads every byte of a C-contiguous array once (XOR of its 8-byte words)
+/// through the same call path, chunking and pool as `sums`. Not part of the public API.
+#[pyfunction]
+fn _read_probe(array: &Bound<'_, PyUntypedArray>) -> PyResult<u64> {
+    if !array.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "_read_probe needs a C-contiguous array",
+        ));
+    }
+    let nbytes = array.len() * array.dtype().itemsize();
+    if nbytes == 0 {
+        return Ok(0);
+    }
+    // SAFETY: `as_array_ptr` points at the live array object `array` borrows.
+    let data = unsafe { (*array.as_array_ptr()).data } as *const u8;
+    let skip = data.align_offset(8).min(nbytes);
+    let words = (nbytes - skip) / 8;
+    // SAFETY: a C-contiguous array's `nbytes` bytes at `data` are readable and stay alive while
+    // `array` is borrowed; `data + skip` is 8-aligned and `skip + 8 * words <= nbytes`; every bit
+    // pattern is a valid u64.
+    let slice = unsafe { std::slice::from_raw_parts(data.add(skip).cast::<u64>(), words) };
+    let run = || l1l2_core::probe::read_probe(slice);
+    Ok(if array.len() >= DETACH_MIN_LEN {
+        array.py().detach(run)
+    } else {
+        run()
+    })
+}
+
 /// Sets the thread count for large inputs; 0 restores the default.
 #[pyfunction]
 fn set_num_threads(threads: usize) {
@@ -238,6 +267,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(_read_probe, m)?)?;
     m.add("CHUNK_LEN", l1l2_core::parallel::CHUNK)?;
     m.add("PARALLEL_MIN_LEN", l1l2_core::parallel::PARALLEL_MIN_LEN)?;
     Ok(())

@@ -30,6 +30,8 @@ mod element;
 mod kernels;
 mod layout;
 pub mod parallel;
+#[doc(hidden)]
+pub mod probe;
 
 use std::fmt;
 

@@ -8,7 +8,10 @@
 
 use std::sync::OnceLock;
 
-use crate::accumulate::{Compensated, ExactPartial, FloatPartial, U192};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::accumulate::{Compensated, ExactPartial, FloatPartial, Partial, U192};
 use crate::element::{Float, Magnitude};
 
 #[cfg(target_arch = "x86_64")]
@@ -63,14 +66,48 @@ pub(crate) fn float_sums<T: Float>(run: &[T]) -> FloatPartial {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
         Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run) },
-        _ => float_sums_generic(run),
+        _ => float_sums_generic::<T, false>(run),
     }
 }
 
-/// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
-/// with that wrapper's target features.
+/// `sum |x|` and `sum x^2` of a contiguous f16 run, on the best instruction set of this CPU.
+pub(crate) fn f16_sums(run: &[f16]) -> FloatPartial {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only after `is_x86_feature_detected!("avx512f")`, and
+        // every x86-64 CPU with AVX-512F has F16C, AVX2 and FMA (checked at run time all the same).
+        Isa::Avx512 if is_x86_feature_detected!("f16c") => unsafe { x86_64::f16_sums_avx512(run) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86_64::f16_sums_avx2(run) },
+        _ => staged_f16_sums::<false>(run, |block, out| block.convert_to_f32_slice(out)),
+    }
+}
+
+/// f16 runs are widened to f32 one fold block at a time by `widen` (F16C converts eight values per
+/// instruction), then reduced by the f32 kernel: exact, and far faster than widening binary16
+/// lane by lane in integer code.
 #[inline(always)]
-pub(crate) fn float_sums_generic<T: Float>(run: &[T]) -> FloatPartial {
+pub(crate) fn staged_f16_sums<const FMA: bool>(
+    run: &[f16],
+    widen: impl Fn(&[f16], &mut [f32]),
+) -> FloatPartial {
+    const STAGE: usize = LANES * <f32 as Float>::STEPS_PER_FOLD;
+    let mut buffer = [0f32; STAGE];
+    let mut total = FloatPartial::default();
+    for block in run.chunks(STAGE) {
+        let staged = &mut buffer[..block.len()];
+        widen(block, staged);
+        total = total.merge(float_sums_generic::<f32, FMA>(staged));
+    }
+    total
+}
+
+/// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
+/// with that wrapper's target features. `FMA`: the ISA has fused multiply-add (used only where it
+/// gives the same bits as multiply-then-add, see `Float::EXACT_SQUARES`).
+#[inline(always)]
+pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(run: &[T]) -> FloatPartial {
     let mut abs_total = [Compensated::default(); LANES];
     let mut squares_total = [Compensated::default(); LANES];
     let fold = |abs: &[f64; LANES],
@@ -86,19 +123,19 @@ pub(crate) fn float_sums_generic<T: Float>(run: &[T]) -> FloatPartial {
     let blocks = run.chunks_exact(LANES * T::STEPS_PER_FOLD);
     let tail = blocks.remainder();
     for block in blocks {
-        let (abs, squares) = lane_sums(block);
+        let (abs, squares) = lane_sums::<T, FMA>(block);
         fold(&abs, &squares, &mut abs_total, &mut squares_total);
     }
     // The tail (< LANES * STEPS_PER_FOLD elements): its whole steps as in a block, then the last
     // < LANES elements into the first lanes, so that no lane adds more than STEPS_PER_FOLD terms.
     let steps = tail.chunks_exact(LANES);
     let rest = steps.remainder();
-    let (mut abs, mut squares) = lane_sums(&tail[..tail.len() - rest.len()]);
+    let (mut abs, mut squares) = lane_sums::<T, FMA>(&tail[..tail.len() - rest.len()]);
     let (last_abs, last_squares) = (&mut abs[..rest.len()], &mut squares[..rest.len()]);
     for ((value, abs), squares) in rest.iter().zip(last_abs).zip(last_squares) {
-        let x = value.widen();
-        *abs += x.abs();
-        *squares += x * x;
+        let x = value.widen_abs();
+        *abs += x;
+        *squares = square_add::<T, FMA>(x, *squares);
     }
     fold(&abs, &squares, &mut abs_total, &mut squares_total);
 
@@ -107,17 +144,27 @@ pub(crate) fn float_sums_generic<T: Float>(run: &[T]) -> FloatPartial {
 
 /// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
 #[inline(always)]
-fn lane_sums<T: Float>(steps: &[T]) -> ([f64; LANES], [f64; LANES]) {
+fn lane_sums<T: Float, const FMA: bool>(steps: &[T]) -> ([f64; LANES], [f64; LANES]) {
     let mut abs = [0.0f64; LANES];
     let mut squares = [0.0f64; LANES];
     for step in steps.chunks_exact(LANES) {
         for lane in 0..LANES {
-            let x = step[lane].widen();
-            abs[lane] += x.abs();
-            squares[lane] += x * x;
+            let x = step[lane].widen_abs();
+            abs[lane] += x;
+            squares[lane] = square_add::<T, FMA>(x, squares[lane]);
         }
     }
     (abs, squares)
+}
+
+/// `acc + x * x`, fused where that is both available and bit-identical.
+#[inline(always)]
+fn square_add<T: Float, const FMA: bool>(x: f64, acc: f64) -> f64 {
+    if FMA && T::EXACT_SQUARES {
+        x.mul_add(x, acc)
+    } else {
+        acc + x * x
+    }
 }
 
 /// Pairwise (tree) combination of the lanes, in a fixed order.
