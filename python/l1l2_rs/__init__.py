@@ -7,7 +7,10 @@ np.float64(2.75)
 
 from __future__ import annotations
 
-from ._l1l2_rs import get_num_threads, set_num_threads, simd_isa
+import operator
+
+from . import _l1l2_rs
+from ._l1l2_rs import get_num_threads, simd_isa
 from .regularizers import (
     L1,
     L1L2,
@@ -25,6 +28,37 @@ from .regularizers import (
 )
 
 __version__ = "0.1.0"
+
+
+def set_num_threads(threads: int) -> None:
+    """Use ``threads`` threads for large inputs (0 restores the default: ``L1L2_NUM_THREADS``, else
+    ``RAYON_NUM_THREADS``, else the CPU count). Results are bit-identical for any count."""
+    if isinstance(threads, bool):
+        raise TypeError(f"threads must be an int, got {threads!r}")
+    try:
+        count = operator.index(threads)
+    except TypeError:
+        raise TypeError(f"threads must be an int, got {threads!r}") from None
+    if count < 0:
+        raise ValueError(f"threads must be >= 0 (0 = default), got {count}")
+    _l1l2_rs.set_num_threads(min(count, 4096))
+
+
+def _register_with_threadpoolctl() -> None:
+    """Register with threadpoolctl >= 3.2 when it is installed (it is optional)."""
+    import importlib.util
+
+    if importlib.util.find_spec("threadpoolctl") is None:
+        return
+    import threadpoolctl
+
+    if hasattr(threadpoolctl, "register"):
+        from ._threadpoolctl import register
+
+        register()
+
+
+_register_with_threadpoolctl()
 
 __all__ = [
     "L1",

@@ -7,6 +7,7 @@ import numpy as np
 __all__ = [
     "CHUNK_LEN",
     "PARALLEL_MIN_LEN",
+    "_read_probe",
     "get_num_threads",
     "penalty",
     "set_num_threads",
