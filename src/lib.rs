@@ -134,6 +134,14 @@ fn reduce<T: Element + NumpyElement>(array: &Bound<'_, PyUntypedArray>) -> PyRes
     let readonly = typed
         .try_readonly()
         .map_err(|err| PyBufferError::new_err(format!("l1l2_rs: array is being written: {err}")))?;
+    if readonly.is_c_contiguous() {
+        // SAFETY: a C-contiguous array of `len` elements of `T` (dtype matched by
+        // `readable_kind`, aligned: checked flag) starts at `data`; `readonly` keeps it alive and
+        // registered as borrowed while the slice lives. Writes from Python code running
+        // concurrently are as unsynchronised as for any numpy reader.
+        let slice = unsafe { std::slice::from_raw_parts(readonly.data(), len) };
+        return Ok(detach_if_large(array.py(), len, || l1l2_core::sums(slice)));
+    }
     let itemsize = std::mem::size_of::<T>() as isize;
     let shape = readonly.shape();
     let strides: Vec<isize> = readonly.strides().iter().map(|s| s / itemsize).collect();
@@ -151,26 +159,22 @@ fn reduce<T: Element + NumpyElement>(array: &Bound<'_, PyUntypedArray>) -> PyRes
     // one allocation owned by the array (or its base), so `data + low ..= data + high` is readable
     // memory; it is aligned for `T` (checked flag; strides are multiples of the item size) and
     // holds valid `T` values of the matched dtype (for bool, numpy stores 0 or 1). `readonly` keeps
-    // the array alive and registered as borrowed for as long as `span` lives; writes from Python
-    // code running concurrently are as unsynchronised as for any numpy reader.
+    // the array alive and registered as borrowed for as long as `span` lives.
     let span = unsafe {
         std::slice::from_raw_parts(readonly.data().offset(low), (high - low + 1) as usize)
     };
     let view = StridedView::new(span, (-low) as usize, shape, &strides)
         .map_err(|err| PyValueError::new_err(format!("l1l2_rs: invalid array layout: {err}")))?;
-    let contiguous = readonly.is_c_contiguous();
-    let run = || {
-        if contiguous {
-            l1l2_core::sums(span)
-        } else {
-            view.sums()
-        }
-    };
-    Ok(if len >= DETACH_MIN_LEN {
-        array.py().detach(run)
+    Ok(detach_if_large(array.py(), len, || view.sums()))
+}
+
+/// Runs `work` with the GIL released, unless the input is too small for that to pay.
+fn detach_if_large<R: Send>(py: Python<'_>, len: usize, work: impl FnOnce() -> R + Send) -> R {
+    if len >= DETACH_MIN_LEN {
+        py.detach(work)
     } else {
-        run()
-    })
+        work()
+    }
 }
 
 fn sums_of<'py>(x: &Bound<'py, PyAny>) -> PyResult<(Sums, Kind, Bound<'py, PyArrayDescr>)> {
@@ -198,15 +202,39 @@ fn penalty<'py>(
     let (sums, kind, dtype) = sums_of(x)?;
     let value = sums.weighted(l1, l2);
     let py = x.py();
-    let (rounded, scalar_type) = match kind {
-        Kind::F16 => (f16::round_result(value), dtype.typeobj()),
-        Kind::Bf16 => (bf16::round_result(value), dtype.typeobj()),
-        Kind::F32 => (f32::round_result(value), dtype.typeobj()),
-        Kind::F64 => (value, dtype.typeobj()),
-        _ => (value, numpy::dtype::<f64>(py).typeobj()),
-    };
-    // `rounded` is exactly representable in the scalar type, so this conversion is exact.
-    scalar_type.call1((rounded,))
+    // Each rounded value is exactly representable in its type, so the conversions are exact.
+    match kind {
+        Kind::F16 => numpy_scalar(&dtype, f16::from_f64(f16::round_result(value))),
+        Kind::Bf16 => numpy_scalar(&dtype, bf16::from_f64(bf16::round_result(value))),
+        Kind::F32 => numpy_scalar(&dtype, f32::round_result(value) as f32),
+        Kind::F64 => numpy_scalar(&dtype, value),
+        _ => numpy_scalar(&numpy::dtype::<f64>(py), value),
+    }
+}
+
+/// A numpy scalar of `dtype` holding `value` (numpy's C constructor: ~20x cheaper than calling
+/// the scalar type from Python).
+fn numpy_scalar<'py, T: Copy>(
+    dtype: &Bound<'py, PyArrayDescr>,
+    value: T,
+) -> PyResult<Bound<'py, PyAny>> {
+    debug_assert_eq!(dtype.itemsize(), std::mem::size_of::<T>());
+    let mut value = value;
+    let py = dtype.py();
+    // SAFETY: `PyArray_Scalar` copies `itemsize` bytes from `data`, which points at a live `T` of
+    // exactly that size whose bit layout is the dtype's (the caller pairs them); it borrows, not
+    // steals, `descr`; a null `base` is allowed for non-object, non-void dtypes. It returns a new
+    // reference, or null with a Python exception set, which `from_owned_ptr_or_err` turns into
+    // an error.
+    unsafe {
+        let scalar = numpy::npyffi::PY_ARRAY_API.PyArray_Scalar(
+            py,
+            std::ptr::from_mut(&mut value).cast(),
+            dtype.as_dtype_ptr(),
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(py, scalar)
+    }
 }
 
 /// Benchmark roofline: reads every byte of a C-contiguous array once (XOR of its 8-byte words)
@@ -230,12 +258,9 @@ fn _read_probe(array: &Bound<'_, PyUntypedArray>) -> PyResult<u64> {
     // `array` is borrowed; `data + skip` is 8-aligned and `skip + 8 * words <= nbytes`; every bit
     // pattern is a valid u64.
     let slice = unsafe { std::slice::from_raw_parts(data.add(skip).cast::<u64>(), words) };
-    let run = || l1l2_core::probe::read_probe(slice);
-    Ok(if array.len() >= DETACH_MIN_LEN {
-        array.py().detach(run)
-    } else {
-        run()
-    })
+    Ok(detach_if_large(array.py(), array.len(), || {
+        l1l2_core::probe::read_probe(slice)
+    }))
 }
 
 /// Sets the thread count for large inputs; 0 restores the default.

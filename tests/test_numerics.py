@@ -232,3 +232,15 @@ def test_memory_mapped_files(tmp_path: Any) -> None:
     mapped = np.load(path, mmap_mode="r")
     assert l1l2_rs.sums(mapped) == (2500.0, float(sum(i * i for i in range(-50, 50))))
     assert math.isfinite(float(l1l2_rs.L1L2(0.1, 0.1)(mapped)))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_strided_views_never_read_skipped_values(dtype: Any) -> None:
+    x = np.ones(4001, dtype=dtype)
+    x[1::2] = np.nan
+    x[3::4] = np.inf
+    assert l1l2_rs.sums(x[::2]) == (2001.0, 2001.0)
+    assert l1l2_rs.sums(x[::4]) == (1001.0, 1001.0)
+    assert l1l2_rs.sums(x[::-2]) == (2001.0, 2001.0)
+    matrix = x[:4000].reshape(40, 100)[:, ::2]
+    assert l1l2_rs.sums(matrix) == (2000.0, 2000.0)

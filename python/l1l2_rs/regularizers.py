@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import _l1l2_rs
+from ._l1l2_rs import penalty as _native_penalty
 
 __all__ = [
     "L1",
@@ -131,7 +132,7 @@ class L1(_Builtin):
         self.l1 = _factor("l1", _legacy_l("L1", "l1", l1, l), 0.01)
 
     def __call__(self, x: Any) -> Penalty:
-        return _l1l2_rs.penalty(x, self.l1, None)
+        return _native_penalty(x, self.l1, None)
 
     def get_config(self) -> dict[str, float]:
         return {"l1": self.l1}
@@ -144,7 +145,7 @@ class L2(_Builtin):
         self.l2 = _factor("l2", _legacy_l("L2", "l2", l2, l), 0.01)
 
     def __call__(self, x: Any) -> Penalty:
-        return _l1l2_rs.penalty(x, None, self.l2)
+        return _native_penalty(x, None, self.l2)
 
     def get_config(self) -> dict[str, float]:
         return {"l2": self.l2}
@@ -158,7 +159,7 @@ class L1L2(_Builtin):
         self.l2 = _factor("l2", l2, 0.0)
 
     def __call__(self, x: Any) -> Penalty:
-        return _l1l2_rs.penalty(x, self.l1 or None, self.l2 or None)
+        return _native_penalty(x, self.l1 or None, self.l2 or None)
 
     def get_config(self) -> dict[str, float]:
         return {"l1": self.l1, "l2": self.l2}

@@ -19,8 +19,10 @@ pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
     #[doc(hidden)]
     type Partial: Partial;
 
+    /// The partial sums of `run[0], run[step], run[2 * step], ..`; `step` divides the kernel's
+    /// lane count (see `kernels::float_sums`).
     #[doc(hidden)]
-    fn reduce_run(run: &[Self]) -> Self::Partial;
+    fn reduce_run(run: &[Self], step: usize) -> Self::Partial;
 
     /// Rounds an f64 result to the precision of the type a caller reports results in (Keras returns
     /// the input's float dtype; integer and bool inputs report float64). Correctly rounded, once.
@@ -95,8 +97,8 @@ macro_rules! impl_float_element {
         impl Element for $ty {
             type Partial = FloatPartial;
             #[inline]
-            fn reduce_run(run: &[Self]) -> FloatPartial {
-                $reduce(run)
+            fn reduce_run(run: &[Self], step: usize) -> FloatPartial {
+                $reduce(run, step)
             }
             #[inline]
             fn round_result(value: f64) -> f64 {
@@ -136,8 +138,8 @@ macro_rules! impl_integer_element {
         impl Element for $ty {
             type Partial = ExactPartial;
             #[inline]
-            fn reduce_run(run: &[Self]) -> ExactPartial {
-                kernels::exact_sums(run)
+            fn reduce_run(run: &[Self], step: usize) -> ExactPartial {
+                kernels::exact_sums(run, step)
             }
             #[inline]
             fn round_result(value: f64) -> f64 {

@@ -10,8 +10,11 @@ use crate::Error;
 /// Rows at least this long with unit stride go straight to the SIMD kernel; shorter or strided rows
 /// are gathered into a small stack buffer first, so the kernel always sees long runs.
 const DIRECT_MIN_LEN: usize = 64;
+/// Row strides the kernel reads in place by dropping lanes: a stride of 2 or 4 costs 2x or 4x the
+/// contiguous work per element, still less than a gather (larger strides are gathered).
+const LANE_STRIDES: [usize; 3] = [1, 2, 4];
 /// Elements gathered per kernel call (a few KiB on the stack).
-const GATHER_LEN: usize = 512;
+const GATHER_LEN: usize = 2048;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Dim {
@@ -159,31 +162,40 @@ impl Layout {
     /// The partial sums of the flat range `range`, read in place from `data`.
     pub(crate) fn reduce_range<T: Element>(&self, data: &[T], range: Range<usize>) -> T::Partial {
         let mut total = T::Partial::default();
-        if self.row_stride == 1 && self.row_len >= DIRECT_MIN_LEN {
+        let stride = self.row_stride;
+        if LANE_STRIDES.contains(&stride) && self.row_len >= DIRECT_MIN_LEN {
+            // Long rows of small stride: the kernel reads each row's span in place and keeps
+            // every `stride`-th lane (see `kernels::float_sums`).
             self.for_each_row_piece(range, |first, count| {
-                total = total.merge(T::reduce_run(&data[first..first + count]));
+                let span = &data[first..=first + (count - 1) * stride];
+                total = total.merge(T::reduce_run(span, stride));
             });
             return total;
         }
         let mut buffer = [T::default(); GATHER_LEN];
         let mut filled = 0;
-        let mut push = |value: T| {
-            buffer[filled] = value;
-            filled += 1;
-            if filled == GATHER_LEN {
-                total = total.merge(T::reduce_run(&buffer));
-                filled = 0;
-            }
-        };
-        self.for_each_row_piece(range, |first, count| {
-            if self.row_stride == 0 {
-                (0..count).for_each(|_| push(data[first])); // broadcast row
-            } else {
-                let piece = &data[first..=first + (count - 1) * self.row_stride];
-                piece.iter().step_by(self.row_stride).for_each(|&x| push(x));
+        self.for_each_row_piece(range, |mut first, mut count| {
+            while count > 0 {
+                let take = count.min(GATHER_LEN - filled);
+                let targets = &mut buffer[filled..filled + take];
+                if stride == 0 {
+                    targets.fill(data[first]); // a broadcast row repeats one element
+                } else {
+                    let sources = data[first..=first + (take - 1) * stride].iter();
+                    for (target, &source) in targets.iter_mut().zip(sources.step_by(stride)) {
+                        *target = source;
+                    }
+                }
+                filled += take;
+                first += take * stride;
+                count -= take;
+                if filled == GATHER_LEN {
+                    total = total.merge(T::reduce_run(&buffer, 1));
+                    filled = 0;
+                }
             }
         });
-        total.merge(T::reduce_run(&buffer[..filled]))
+        total.merge(T::reduce_run(&buffer[..filled], 1))
     }
 }
 

@@ -88,7 +88,7 @@ impl Sums {
 /// ```
 pub fn sums<T: Element>(data: &[T]) -> Sums {
     finish::<T>(parallel::reduce(data.len(), &|range| {
-        T::reduce_run(&data[range])
+        T::reduce_run(&data[range], 1)
     }))
 }
 

@@ -373,3 +373,55 @@ fn runs_inside_a_callers_rayon_pool() {
     let inside = pool.install(|| sums(&values));
     assert_eq!(inside, expected);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn long_strided_rows_match_exact_sums(
+        len in 1usize..5000, stride in prop::sample::select(vec![2isize, 3, 4, 5, 8, -1, -2, -4]),
+        start in 0usize..7, seed in any::<u64>(),
+    ) {
+        let buffer = random_f64(start + len * stride.unsigned_abs() + 7, seed);
+        let offset = if stride < 0 { start + (len - 1) * stride.unsigned_abs() } else { start };
+        let addressed: Vec<f64> = (0..len as isize)
+            .map(|i| buffer[(offset as isize + i * stride) as usize])
+            .collect();
+        let (exact_abs, exact_squares) = exact_sums(&addressed);
+        let got = StridedView::new(&buffer, offset, &[len], &[stride]).unwrap().sums();
+        assert_close(got.sum_abs, exact_abs, 4.0, len, "abs");
+        assert_close(got.sum_squares, exact_squares, 4.0, len, "squares");
+        let narrow: Vec<f16> = buffer.iter().map(|&x| f16::from_f64(x)).collect();
+        let addressed16: Vec<f64> = (0..len as isize)
+            .map(|i| narrow[(offset as isize + i * stride) as usize].to_f64())
+            .collect();
+        let (exact_abs, exact_squares) = exact_sums(&addressed16);
+        let got = StridedView::new(&narrow, offset, &[len], &[stride]).unwrap().sums();
+        assert_close(got.sum_abs, exact_abs, 1.0, len, "f16 abs");
+        assert_close(got.sum_squares, exact_squares, 1.0, len, "f16 squares");
+    }
+}
+
+#[test]
+fn skipped_elements_never_leak_into_strided_sums() {
+    // NaN and infinity between the elements of x[::2] and x[::4] views.
+    let mut buffer = vec![1.0f32; 4001];
+    for (i, value) in buffer.iter_mut().enumerate() {
+        if i % 2 == 1 {
+            *value = if i % 4 == 1 { f32::NAN } else { f32::INFINITY };
+        }
+    }
+    let every_other = StridedView::new(&buffer, 0, &[2001], &[2]).unwrap().sums();
+    assert_eq!(
+        (every_other.sum_abs, every_other.sum_squares),
+        (2001.0, 2001.0)
+    );
+    let every_fourth = StridedView::new(&buffer, 0, &[1001], &[4]).unwrap().sums();
+    assert_eq!(
+        (every_fourth.sum_abs, every_fourth.sum_squares),
+        (1001.0, 1001.0)
+    );
+    let ints: Vec<i64> = (0..1000).collect();
+    let odd = StridedView::new(&ints, 1, &[500], &[2]).unwrap().sums();
+    assert_eq!(odd.sum_abs, (0..500).map(|i| 2 * i + 1).sum::<i64>() as f64);
+}

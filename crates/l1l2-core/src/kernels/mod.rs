@@ -56,31 +56,39 @@ fn detect_isa() -> Isa {
     Isa::Baseline
 }
 
-/// `sum |x|` and `sum x^2` of a contiguous float run, on the best instruction set of this CPU.
+/// `sum |x|` and `sum x^2` of the elements `run[0], run[step], run[2 * step], ..` (`step` divides
+/// `LANES`), on the best instruction set of this CPU.
+///
+/// The kernel puts element `i` in lane `i % LANES`, so with `step` dividing `LANES` the wanted
+/// elements are exactly those of lanes `0, step, 2 * step, ..`: the kernel reads the whole run at
+/// full vector speed and the other lanes are dropped at the end. For `x[::2]` that costs twice the
+/// work per element of a contiguous run, far less than gathering element by element.
 #[inline]
-pub(crate) fn float_sums<T: Float>(run: &[T]) -> FloatPartial {
+pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run) },
+        Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run, step) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run) },
-        _ => float_sums_generic::<T, false>(run),
+        Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run, step) },
+        _ => float_sums_generic::<T, false>(run, step),
     }
 }
 
-/// `sum |x|` and `sum x^2` of a contiguous f16 run, on the best instruction set of this CPU.
-pub(crate) fn f16_sums(run: &[f16]) -> FloatPartial {
+/// `float_sums` for f16 input.
+pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only after `is_x86_feature_detected!("avx512f")`, and
         // every x86-64 CPU with AVX-512F has F16C, AVX2 and FMA (checked at run time all the same).
-        Isa::Avx512 if is_x86_feature_detected!("f16c") => unsafe { x86_64::f16_sums_avx512(run) },
+        Isa::Avx512 if is_x86_feature_detected!("f16c") => unsafe {
+            x86_64::f16_sums_avx512(run, step)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 | Isa::Avx512 => unsafe { x86_64::f16_sums_avx2(run) },
-        _ => staged_f16_sums::<false>(run, |block, out| block.convert_to_f32_slice(out)),
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86_64::f16_sums_avx2(run, step) },
+        _ => staged_f16_sums::<false>(run, step, |block, out| block.convert_to_f32_slice(out)),
     }
 }
 
@@ -90,15 +98,17 @@ pub(crate) fn f16_sums(run: &[f16]) -> FloatPartial {
 #[inline(always)]
 pub(crate) fn staged_f16_sums<const FMA: bool>(
     run: &[f16],
+    step: usize,
     widen: impl Fn(&[f16], &mut [f32]),
 ) -> FloatPartial {
     const STAGE: usize = LANES * <f32 as Float>::STEPS_PER_FOLD;
     let mut buffer = [0f32; STAGE];
     let mut total = FloatPartial::default();
+    // STAGE is a multiple of LANES, so every block starts at lane 0 and `step` keeps its meaning.
     for block in run.chunks(STAGE) {
         let staged = &mut buffer[..block.len()];
         widen(block, staged);
-        total = total.merge(float_sums_generic::<f32, FMA>(staged));
+        total = total.merge(float_sums_generic::<f32, FMA>(staged, step));
     }
     total
 }
@@ -107,7 +117,10 @@ pub(crate) fn staged_f16_sums<const FMA: bool>(
 /// with that wrapper's target features. `FMA`: the ISA has fused multiply-add (used only where it
 /// gives the same bits as multiply-then-add, see `Float::EXACT_SQUARES`).
 #[inline(always)]
-pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(run: &[T]) -> FloatPartial {
+pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(
+    run: &[T],
+    step: usize,
+) -> FloatPartial {
     let mut abs_total = [Compensated::default(); LANES];
     let mut squares_total = [Compensated::default(); LANES];
     let fold = |abs: &[f64; LANES],
@@ -139,7 +152,7 @@ pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(run: &[T]) -> FloatP
     }
     fold(&abs, &squares, &mut abs_total, &mut squares_total);
 
-    combine_lanes(abs_total, squares_total)
+    combine_lanes(abs_total, squares_total, step)
 }
 
 /// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
@@ -169,7 +182,16 @@ fn square_add<T: Float, const FMA: bool>(x: f64, acc: f64) -> f64 {
 
 /// Pairwise (tree) combination of the lanes, in a fixed order.
 #[inline(always)]
-fn combine_lanes(mut abs: [Compensated; LANES], mut squares: [Compensated; LANES]) -> FloatPartial {
+fn combine_lanes(
+    mut abs: [Compensated; LANES],
+    mut squares: [Compensated; LANES],
+    step: usize,
+) -> FloatPartial {
+    debug_assert!(step > 0 && LANES % step == 0);
+    for lane in (0..LANES).filter(|lane| lane % step != 0) {
+        abs[lane] = Compensated::default();
+        squares[lane] = Compensated::default();
+    }
     let mut width = LANES / 2;
     while width > 0 {
         for lane in 0..width {
@@ -186,10 +208,10 @@ fn combine_lanes(mut abs: [Compensated; LANES], mut squares: [Compensated; LANES
 
 /// Exact sums of an integer or bool run: a square of a 64-bit value needs up to 128 bits, so the
 /// running sum of squares carries into a 192-bit accumulator.
-pub(crate) fn exact_sums<T: Magnitude>(run: &[T]) -> ExactPartial {
+pub(crate) fn exact_sums<T: Magnitude>(run: &[T], step: usize) -> ExactPartial {
     let mut abs: u128 = 0;
     let mut squares = U192::default();
-    for value in run {
+    for value in run.iter().step_by(step) {
         let magnitude = value.magnitude();
         abs += u128::from(magnitude);
         squares.add(u128::from(magnitude) * u128::from(magnitude));

@@ -11,23 +11,23 @@ use crate::accumulate::FloatPartial;
 use crate::element::Float;
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) fn float_sums_avx512<T: Float>(run: &[T]) -> FloatPartial {
-    float_sums_generic::<T, true>(run)
+pub(super) fn float_sums_avx512<T: Float>(run: &[T], step: usize) -> FloatPartial {
+    float_sums_generic::<T, true>(run, step)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn float_sums_avx2<T: Float>(run: &[T]) -> FloatPartial {
-    float_sums_generic::<T, true>(run)
+pub(super) fn float_sums_avx2<T: Float>(run: &[T], step: usize) -> FloatPartial {
+    float_sums_generic::<T, true>(run, step)
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) fn f16_sums_avx512(run: &[f16]) -> FloatPartial {
-    staged_f16_sums::<true>(run, |block, out| widen_f16c(block, out))
+pub(super) fn f16_sums_avx512(run: &[f16], step: usize) -> FloatPartial {
+    staged_f16_sums::<true>(run, step, |block, out| widen_f16c(block, out))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn f16_sums_avx2(run: &[f16]) -> FloatPartial {
-    staged_f16_sums::<true>(run, |block, out| widen_f16c(block, out))
+pub(super) fn f16_sums_avx2(run: &[f16], step: usize) -> FloatPartial {
+    staged_f16_sums::<true>(run, step, |block, out| widen_f16c(block, out))
 }
 
 /// `out[i] = block[i]` as f32, eight at a time with `vcvtph2ps` (exact).
