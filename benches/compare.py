@@ -13,8 +13,8 @@ call path, chunking and thread pool as the penalty. XOR costs one vector instruc
 so the probe runs at what the memory (or cache) delivers to these threads plus one extension call:
 no one-pass penalty in an extension can be faster. "x roofline" is time / probe time.
 
-Extra memory: the growth of the process' peak RSS while calling each candidate on the largest
-array, measured before any other candidate ran at that size.
+Extra memory: the growth of the peak RSS of a fresh process during one call on the largest float32
+array (after a warm-up call on a small one), for each candidate and layout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -99,6 +98,7 @@ def time_interleaved(table: dict[str, Candidate], rounds: int, budget: float) ->
     for _ in range(rounds):
         for name, function in table.items():
             count = calls[name]
+            function()  # untimed: wake the thread pool and warm the caches after the others ran
             start = time.perf_counter()
             for _ in range(count):
                 function()
@@ -106,10 +106,43 @@ def time_interleaved(table: dict[str, Candidate], rounds: int, budget: float) ->
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def peak_rss_growth(function: Candidate) -> int:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    function()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+MEMORY_PROBE = """
+import resource, sys, numpy as np, l1l2_rs
+x = np.random.default_rng(0).standard_normal({size}, dtype=np.float32)
+side = {side}
+views = {{
+    "contiguous": x,
+    "x[::2]": x[::2],
+    "transposed 2-D": x[: side * side].reshape(side, side).T,
+}}
+regularizer = l1l2_rs.L1L2({l1}, {l2})
+def call(v):
+    if sys.argv[2] == "l1l2_rs":
+        return regularizer(v)
+    return {l1} * np.abs(v).sum() + {l2} * np.square(v).sum()
+call(x[:100_000])  # warm up imports and the thread pool on a small array
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+call(views[sys.argv[1]])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def extra_memory(size: int) -> dict[str, int]:
+    """Peak RSS growth of one call on a float32 array of ``size``, each in a fresh process."""
+    import subprocess
+
+    code = MEMORY_PROBE.format(size=size, side=int(np.sqrt(size)), l1=L1, l2=L2)
+    found = {}
+    for layout in ("contiguous", "x[::2]", "transposed 2-D"):
+        for candidate in ("l1l2_rs", "numpy naive"):
+            out = subprocess.run(
+                [sys.executable, "-c", code, layout, candidate],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            found[f"{candidate} {layout}"] = int(out.stdout.strip())
+    return found
 
 
 def make(size: int, dtype: Any) -> np.ndarray:
@@ -131,6 +164,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--dtypes", default="float32,float64,float16,bfloat16")
     args = parser.parse_args()
 
     try:
@@ -141,19 +175,18 @@ def main() -> int:
         bfloat16 = None
     sizes = [1_000, 10_000, 100_000] if args.quick else [10**e for e in range(3, 9)]
     rounds, budget = (5, 0.05) if args.quick else (21, 0.6)
-    dtypes = [np.float32, np.float64, np.float16] + ([bfloat16] if bfloat16 is not None else [])
+    known = {
+        "float32": np.float32,
+        "float64": np.float64,
+        "float16": np.float16,
+        "bfloat16": bfloat16,
+    }
+    dtypes = [known[name] for name in args.dtypes.split(",") if known.get(name) is not None]
 
     rows: list[dict[str, Any]] = []
     memory: dict[str, dict[str, int]] = {}
     largest = sizes[-1]
-    # Extra memory first, on the largest float32 array, before anything else grows the peak RSS.
-    x = make(largest, np.float32)
-    memory_table = {"l1l2_rs": lambda: l1l2_rs.L1L2(L1, L2)(x)}
-    for name, view in layouts(x).items():
-        memory_table[f"l1l2_rs {name}"] = lambda v=view: l1l2_rs.L1L2(L1, L2)(v)
-    memory_table["numpy naive"] = lambda: L1 * np.abs(x).sum() + L2 * np.square(x).sum()
-    memory["float32"] = {name: peak_rss_growth(f) for name, f in memory_table.items()}
-    del x
+    memory = {"float32": extra_memory(largest)}
 
     for dtype in dtypes:
         name = np.dtype(dtype).name
@@ -210,6 +243,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "rows": rows,
         "extra_memory_bytes": memory,
+        "extra_memory_elements": largest,
         "threads_1e6_float32_seconds": thread_times,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +304,8 @@ def markdown(report: dict[str, Any]) -> str:
     memory = report["extra_memory_bytes"]["float32"]
     lines.append("")
     lines.append(
-        "Peak RSS growth during the call, largest float32 array: "
+        f"Peak RSS growth during one call on {report['extra_memory_elements']:.0e} float32 "
+        "(fresh process each): "
         + ", ".join(f"{name} {value / 2**20:.1f} MiB" for name, value in memory.items())
     )
     threads = report["threads_1e6_float32_seconds"]

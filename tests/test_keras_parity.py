@@ -166,3 +166,20 @@ def test_same_keras_semantics_for_zero_factors_and_nan() -> None:
     ]:
         a, b = float(ours(x)), float(np.asarray(theirs(x)))
         assert (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_deviation_numpy_scalar_and_exact_number_factors() -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
+    for value in [np.float32(0.5), np.int64(2), Fraction(1, 4), Decimal("0.5"), np.array(0.5)]:
+        with pytest.raises(ValueError):
+            kr.L2(value)  # Keras 3 accepts only Python int/float
+        assert l1l2_rs.L2(value).l2 == float(value)
+
+
+def test_deviation_value_semantics() -> None:
+    assert kr.L1L2(0.1, 0.1) != kr.L1L2(0.1, 0.1)  # identity only
+    assert "object at" in repr(kr.L1L2(0.1, 0.1))
+    assert l1l2_rs.L1L2(0.1, 0.1) == l1l2_rs.L1L2(0.1, 0.1)
+    assert repr(l1l2_rs.L1L2(0.1, 0.1)) == "L1L2(l1=0.1, l2=0.1)"
