@@ -13,6 +13,10 @@ call path, chunking and thread pool as the penalty. XOR costs one vector instruc
 so the probe runs at what the memory (or cache) delivers to these threads plus one extension call:
 no one-pass penalty in an extension can be faster. "x roofline" is time / probe time.
 
+BLAS: the run holds BLAS (numpy's dot) to one thread with threadpoolctl. OpenBLAS' idle threads
+spin for a long while after each call, and on a 2-core machine they would slow down whatever
+candidate runs next.
+
 Extra memory: the growth of the peak RSS of a fresh process during one call on the largest float32
 array (after a warm-up call on a small one), for each candidate and layout.
 """
@@ -73,7 +77,9 @@ def optional_candidates(x: np.ndarray) -> dict[str, Candidate]:
 def candidates(x: np.ndarray, contiguous: bool) -> dict[str, Candidate]:
     regularizer = l1l2_rs.L1L2(L1, L2)
     table: dict[str, Candidate] = {"l1l2_rs": lambda: regularizer(x)}
-    if x.dtype.kind == "f":
+    # numpy's float16 reductions run at ~30 Melem/s: past 1e7 they only make the run long.
+    slow_numpy = x.dtype == np.float16 and x.size > 10**7
+    if x.dtype.kind == "f" and not slow_numpy:
         table["numpy naive"] = lambda: L1 * np.abs(x).sum() + L2 * np.square(x).sum()
         flat = x.reshape(-1) if contiguous else None
         if flat is not None:
@@ -165,7 +171,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--dtypes", default="float32,float64,float16,bfloat16")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from compare.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads((args.out / "compare.json").read_text()), args.out / "compare.png")
+        return 0
 
     try:
         import ml_dtypes
@@ -187,6 +197,13 @@ def main() -> int:
     memory: dict[str, dict[str, int]] = {}
     largest = sizes[-1]
     memory = {"float32": extra_memory(largest)}
+
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+    except ImportError:
+        print("threadpoolctl not installed: BLAS threads may disturb the timings", file=sys.stderr)
 
     for dtype in dtypes:
         name = np.dtype(dtype).name
@@ -270,7 +287,7 @@ def markdown(report: dict[str, Any]) -> str:
     index = {(r["dtype"], r["size"], r["layout"], r["candidate"]): r for r in rows}
     lines = [
         "| dtype | size | layout | l1l2_rs | GB/s | x roofline | numpy naive | numpy / ours "
-        "| numpy abs+dot | others |",
+        "| numpy abs+dot (1-thread BLAS) | others |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     cases = sorted({(r["dtype"], r["size"], r["layout"]) for r in rows})
@@ -320,6 +337,16 @@ def format_time(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.2f} µs"
     return f"{seconds * 1e3:.2f} ms"
+
+
+COLORS = {
+    "l1l2_rs": "tab:blue",
+    "roofline": "tab:red",
+    "numpy naive": "tab:green",
+    "numpy abs+dot": "tab:orange",
+    "numba fused": "tab:purple",
+    "torch": "tab:brown",
+}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -152,9 +152,19 @@ def test_deviation_float32_factor_rounding() -> None:
     assert float(l1l2_rs.L1(0.1)(x)) == 0.1
 
 
-def test_deviation_negative_factors_rejected() -> None:
-    with pytest.raises(ValueError, match="l1"):
-        l1l2_rs.L1(-0.1)
+def test_negative_and_non_finite_factors_rejected_like_keras_3() -> None:
+    for value in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            kr.L1(value)
+        with pytest.raises(ValueError, match="l1"):
+            l1l2_rs.L1(value)
+
+
+def test_deviation_legacy_l_keyword() -> None:
+    with pytest.raises(TypeError):
+        kr.L1(l=0.1)  # Keras 3 dropped TF 2.4's spelling
+    with pytest.warns(DeprecationWarning):
+        assert l1l2_rs.L1(l=0.1) == l1l2_rs.L1(0.1)
 
 
 def test_same_keras_semantics_for_zero_factors_and_nan() -> None:
