@@ -116,7 +116,7 @@ macro_rules! dispatch {
             Kind::U16 => $reduce::<u16>($array),
             Kind::U32 => $reduce::<u32>($array),
             Kind::U64 => $reduce::<u64>($array),
-            Kind::Bool => $reduce::<bool>($array),
+            Kind::Bool => reduce_bool($array),
         }
     };
 }
@@ -127,9 +127,10 @@ fn reduce<T: Element + NumpyElement>(array: &Bound<'_, PyUntypedArray>) -> PyRes
     if len == 0 {
         return Ok(Sums::default());
     }
-    // SAFETY: `readable_kind` matched the dtype's kind, item size and byte order to `T`, which is
-    // all a typed view relies on; the cast does not touch the data. It skips numpy's own dtype
-    // check only because that check cannot see bfloat16 unless ml_dtypes registered the name.
+    // SAFETY: `readable_kind` matched the dtype's kind, item size and byte order to `T` (bool
+    // arrays come as `u8`: same size, and every byte is a valid u8), which is all a typed view
+    // relies on; the cast does not touch the data. It skips numpy's own dtype check because that
+    // check cannot see bfloat16 unless ml_dtypes registered the name, and would refuse bool as u8.
     let typed = unsafe { array.cast_unchecked::<PyArrayDyn<T>>() };
     let readonly = typed
         .try_readonly()
@@ -158,7 +159,7 @@ fn reduce<T: Element + NumpyElement>(array: &Bound<'_, PyUntypedArray>) -> PyRes
     // SAFETY: for a non-empty numpy array every element `data + sum(i_k * stride_k)` lies inside
     // one allocation owned by the array (or its base), so `data + low ..= data + high` is readable
     // memory; it is aligned for `T` (checked flag; strides are multiples of the item size) and
-    // holds valid `T` values of the matched dtype (for bool, numpy stores 0 or 1). `readonly` keeps
+    // holds valid `T` values of the matched dtype (bool arrays are read as u8). `readonly` keeps
     // the array alive and registered as borrowed for as long as `span` lives.
     let span = unsafe {
         std::slice::from_raw_parts(readonly.data().offset(low), (high - low + 1) as usize)
@@ -175,6 +176,19 @@ fn detach_if_large<R: Send>(py: Python<'_>, len: usize, work: impl FnOnce() -> R
     } else {
         work()
     }
+}
+
+/// The sums of a bool array. It is read as bytes: a bool view of other bytes (`u8_array.view(bool)`)
+/// may hold values other than 0 and 1, which are not valid Rust `bool`s. For bytes,
+/// `sum x == sum x^2` exactly when every byte is 0 or 1; otherwise numpy's own truth values
+/// (`x != 0`, a copy) are summed instead.
+fn reduce_bool(array: &Bound<'_, PyUntypedArray>) -> PyResult<Sums> {
+    let sums = reduce::<u8>(array)?;
+    if sums.sum_abs == sums.sum_squares {
+        return Ok(sums);
+    }
+    let truth = array.call_method1("__ne__", (0,))?;
+    reduce::<u8>(truth.cast::<PyUntypedArray>()?)
 }
 
 fn sums_of<'py>(x: &Bound<'py, PyAny>) -> PyResult<(Sums, Kind, Bound<'py, PyArrayDescr>)> {

@@ -244,3 +244,12 @@ def test_strided_views_never_read_skipped_values(dtype: Any) -> None:
     assert l1l2_rs.sums(x[::-2]) == (2001.0, 2001.0)
     matrix = x[:4000].reshape(40, 100)[:, ::2]
     assert l1l2_rs.sums(matrix) == (2000.0, 2000.0)
+
+
+def test_bool_views_of_arbitrary_bytes_count_truth_values() -> None:
+    raw = np.array([0, 1, 2, 255, 0, 7], dtype=np.uint8)
+    as_bool = raw.view(np.bool_)  # bytes other than 0/1: numpy treats them as True
+    expected = float(np.count_nonzero(raw))
+    assert l1l2_rs.sums(as_bool) == (expected, expected)
+    assert l1l2_rs.L1(1.0)(as_bool) == expected
+    assert l1l2_rs.sums(as_bool[::-2]) == (3.0, 3.0)  # bytes 7, 255, 1
