@@ -56,6 +56,13 @@ def test_bit_identical_for_1_2_3_8_threads() -> None:
         assert run["results"] == first, f"{n} threads differ from 1 thread"
 
 
+def test_bit_identical_across_instruction_sets() -> None:
+    """The baseline kernel adds the same numbers in the same order as the AVX2/AVX-512 one."""
+    forced = run_with_env(L1L2_NUM_THREADS="2", L1L2_FORCE_BASELINE="1")
+    detected = run_with_env(L1L2_NUM_THREADS="2")
+    assert forced["results"] == detected["results"]
+
+
 def test_thread_count_environment_precedence() -> None:
     assert run_with_env(RAYON_NUM_THREADS="3")["threads"] == 3
     assert run_with_env(L1L2_NUM_THREADS="2", RAYON_NUM_THREADS="5")["threads"] == 2

@@ -20,6 +20,9 @@ mod x86_64;
 /// Independent accumulators per sum: enough to hide the add latency on every supported ISA.
 pub(crate) const LANES: usize = 16;
 
+/// Whether the build target itself guarantees fused multiply-add (aarch64 does, x86-64 does not).
+const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
+
 /// The instruction sets the float kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -43,13 +46,13 @@ fn detect_isa() -> Isa {
         if std::env::var_os("L1L2_FORCE_BASELINE").is_some() {
             return Isa::Baseline;
         }
-        if is_x86_feature_detected!("avx512f") {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        if avx2 && is_x86_feature_detected!("avx512f") {
             return Isa::Avx512;
         }
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if avx2 {
             return Isa::Avx2;
         }
     }
@@ -67,12 +70,12 @@ fn detect_isa() -> Isa {
 pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx512 only after `is_x86_feature_detected!("avx512f")`.
+        // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
         Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run, step) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
         Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run, step) },
-        _ => float_sums_generic::<T, false>(run, step),
+        _ => float_sums_generic::<T, BASELINE_FMA>(run, step),
     }
 }
 
@@ -80,15 +83,14 @@ pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
 pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx512 only after `is_x86_feature_detected!("avx512f")`, and
-        // every x86-64 CPU with AVX-512F has F16C, AVX2 and FMA (checked at run time all the same).
-        Isa::Avx512 if is_x86_feature_detected!("f16c") => unsafe {
-            x86_64::f16_sums_avx512(run, step)
-        },
+        // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
+        Isa::Avx512 => unsafe { x86_64::f16_sums_avx512(run, step) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 | Isa::Avx512 => unsafe { x86_64::f16_sums_avx2(run, step) },
-        _ => staged_f16_sums::<false>(run, step, |block, out| block.convert_to_f32_slice(out)),
+        Isa::Avx2 => unsafe { x86_64::f16_sums_avx2(run, step) },
+        _ => {
+            staged_f16_sums::<BASELINE_FMA>(run, step, |block, out| block.convert_to_f32_slice(out))
+        }
     }
 }
 
