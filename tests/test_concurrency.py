@@ -203,3 +203,36 @@ def test_no_copy_of_a_400_mb_array_for_any_layout() -> None:
     assert out.returncode == 0, out.stderr
     growth = int(out.stdout.strip())
     assert growth < 20 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
+
+
+LAZY_POOL_SCRIPT = textwrap.dedent(
+    """
+    import os, numpy as np, l1l2_rs
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+    at_import = threads()
+    l1l2_rs.sums(np.ones(1000, dtype=np.float32))
+    after_small = threads()
+    l1l2_rs.sums(np.ones(5_000_000, dtype=np.float32))
+    print(at_import, after_small, threads())
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_pool_is_built_lazily_and_small_inputs_never_touch_it() -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("L1L2_NUM_THREADS", "RAYON_NUM_THREADS")
+    }
+    env.update(L1L2_NUM_THREADS="2", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_POOL_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    at_import, after_small, after_large = map(int, out.stdout.split())
+    assert after_small == at_import
+    assert after_large == at_import + 2  # the pool's two workers
