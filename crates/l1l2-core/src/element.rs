@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 
 use crate::accumulate::{ExactPartial, FloatPartial, Partial};
-use crate::kernels;
+use crate::kernels::{self, LANES};
 
 mod sealed {
     pub trait Sealed {}
@@ -42,6 +42,17 @@ pub(crate) trait Float: Copy + Send + Sync + 'static {
 
     /// `|x|` as f64 (exact for every input type).
     fn widen_abs(self) -> f64;
+
+    /// `|x|` as f64 for one whole step of `LANES` values (`step.len() == LANES`). Types whose
+    /// widening has a vector instruction of its own override this.
+    #[inline(always)]
+    fn widen_abs_step(step: &[Self]) -> [f64; LANES] {
+        let mut widened = [0.0; LANES];
+        for (target, value) in widened.iter_mut().zip(step) {
+            *target = value.widen_abs();
+        }
+        widened
+    }
 }
 
 impl Float for f64 {
@@ -59,6 +70,15 @@ impl Float for f32 {
     #[inline(always)]
     fn widen_abs(self) -> f64 {
         f64::from(self.abs()) // abs on 8 f32 lanes, then widen: one vector op less than after
+    }
+}
+
+impl Float for f16 {
+    const STEPS_PER_FOLD: usize = 64;
+    const EXACT_SQUARES: bool = true;
+    #[inline(always)]
+    fn widen_abs(self) -> f64 {
+        self.to_f64().abs() // the baseline path; x86-64 CPUs with F16C use `kernels::x86_64::F16c`
     }
 }
 

@@ -9,9 +9,8 @@
 use std::sync::OnceLock;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
-use crate::accumulate::{Compensated, ExactPartial, FloatPartial, Partial, U192};
+use crate::accumulate::{Compensated, ExactPartial, FloatPartial, U192};
 use crate::element::{Float, Magnitude};
 
 #[cfg(target_arch = "x86_64")]
@@ -79,7 +78,8 @@ pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
     }
 }
 
-/// `float_sums` for f16 input.
+/// `float_sums` for f16 input: widened with F16C where the CPU has it (see `x86_64::F16c`),
+/// element by element in software otherwise; the same lanes and order either way.
 pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
@@ -88,31 +88,8 @@ pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
         Isa::Avx2 => unsafe { x86_64::f16_sums_avx2(run, step) },
-        _ => {
-            staged_f16_sums::<BASELINE_FMA>(run, step, |block, out| block.convert_to_f32_slice(out))
-        }
+        _ => float_sums_generic::<f16, BASELINE_FMA>(run, step),
     }
-}
-
-/// f16 runs are widened to f32 one fold block at a time by `widen` (F16C converts eight values per
-/// instruction), then reduced by the f32 kernel: exact, and far faster than widening binary16
-/// lane by lane in integer code.
-#[inline(always)]
-pub(crate) fn staged_f16_sums<const FMA: bool>(
-    run: &[f16],
-    step: usize,
-    widen: impl Fn(&[f16], &mut [f32]),
-) -> FloatPartial {
-    const STAGE: usize = LANES * <f32 as Float>::STEPS_PER_FOLD;
-    let mut buffer = [0f32; STAGE];
-    let mut total = FloatPartial::default();
-    // STAGE is a multiple of LANES, so every block starts at lane 0 and `step` keeps its meaning.
-    for block in run.chunks(STAGE) {
-        let staged = &mut buffer[..block.len()];
-        widen(block, staged);
-        total = total.merge(float_sums_generic::<f32, FMA>(staged, step));
-    }
-    total
 }
 
 /// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
@@ -163,8 +140,9 @@ fn lane_sums<T: Float, const FMA: bool>(steps: &[T]) -> ([f64; LANES], [f64; LAN
     let mut abs = [0.0f64; LANES];
     let mut squares = [0.0f64; LANES];
     for step in steps.chunks_exact(LANES) {
+        let widened = T::widen_abs_step(step);
         for lane in 0..LANES {
-            let x = step[lane].widen_abs();
+            let x = widened[lane];
             abs[lane] += x;
             squares[lane] = square_add::<T, FMA>(x, squares[lane]);
         }
