@@ -25,7 +25,7 @@ const BASELINE_FMA: bool = cfg!(target_arch = "aarch64");
 /// The instruction sets the float kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// x86-64 with AVX-512F.
+    /// x86-64 with AVX-512F (and AVX2, FMA and F16C).
     Avx512,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
