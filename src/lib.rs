@@ -187,8 +187,9 @@ fn reduce_bool(array: &Bound<'_, PyUntypedArray>) -> PyResult<Sums> {
     if sums.sum_abs == sums.sum_squares {
         return Ok(sums);
     }
-    let truth = array.call_method1("__ne__", (0,))?;
-    reduce::<u8>(truth.cast::<PyUntypedArray>()?)
+    let truth = array.call_method1("__ne__", (0,))?; // a numpy bool scalar for 0-d input
+    let (truth, _) = readable_array(&truth)?;
+    reduce::<u8>(&truth)
 }
 
 fn sums_of<'py>(x: &Bound<'py, PyAny>) -> PyResult<(Sums, Kind, Bound<'py, PyArrayDescr>)> {

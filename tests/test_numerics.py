@@ -253,3 +253,9 @@ def test_bool_views_of_arbitrary_bytes_count_truth_values() -> None:
     assert l1l2_rs.sums(as_bool) == (expected, expected)
     assert l1l2_rs.L1(1.0)(as_bool) == expected
     assert l1l2_rs.sums(as_bool[::-2]) == (3.0, 3.0)  # bytes 7, 255, 1
+
+
+def test_zero_d_bool_view_of_a_non_canonical_byte() -> None:
+    as_bool = np.array(9, dtype=np.uint8).view(np.bool_)
+    assert as_bool.ndim == 0
+    assert l1l2_rs.sums(as_bool) == (1.0, 1.0)
