@@ -109,7 +109,19 @@ class TestFactors:
             L1L2(0.0, value)
 
     @pytest.mark.parametrize(
-        "value", ["0.1", b"1", [0.1], (0.1,), {"a": 1}, object(), np.array([0.1, 0.2])]
+        "value",
+        [
+            "0.1",
+            b"1",
+            [0.1],
+            (0.1,),
+            {"a": 1},
+            object(),
+            np.array([0.1, 0.2]),
+            np.datetime64("2020-01-01"),
+            np.str_("0.1"),
+            np.array("0.1"),
+        ],
     )
     def test_non_numbers_raise_type_error(self, value: Any) -> None:
         with pytest.raises(TypeError, match="l2"):

@@ -49,8 +49,13 @@ def _factor(name: str, value: object, default: float) -> float:
         return default
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if isinstance(value, (str, bytes)) or not isinstance(
-        value, (numbers.Number, Decimal, np.generic)
+    numpy_non_number = isinstance(value, np.generic) and not isinstance(
+        value, (np.number, np.bool_)
+    )
+    if (
+        isinstance(value, (str, bytes))
+        or numpy_non_number
+        or not isinstance(value, (numbers.Number, Decimal, np.generic))
     ):
         raise TypeError(
             f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
