@@ -100,6 +100,21 @@ def assert_within_ulps(got: Any, expected: float, dtype: Any, ulps: float) -> No
     )
 
 
+def sum_ulps(dtype: Any) -> float:
+    """The documented bound on the float64 sums' relative error, in float64 ulp: 4 for float64
+    (compensated every 4 plain additions per lane) and exact integers; 64 for float16, bfloat16 and
+    float32, whose lanes add 64 values plainly first (2^-47 relative, far below their own ulp)."""
+    dt = np.dtype(dtype)
+    return 64.0 if (dt.kind == "f" and dt.itemsize < 8) or dt.name == "bfloat16" else 4.0
+
+
+def penalty_ulps(out_dtype: Any) -> float:
+    """The promised accuracy of a penalty in its output dtype: 1 ulp for float16, bfloat16 and
+    float32; 4 ulp for float64 (float64 and integer inputs), whose sums and the final
+    ``l1 * sum|x| + l2 * sum x**2`` are themselves float64 roundings."""
+    return 4.0 if np.dtype(out_dtype) == np.float64 else 1.0
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261125)

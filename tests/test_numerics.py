@@ -16,6 +16,8 @@ from conftest import (
     assert_within_ulps,
     exact_penalty,
     exact_sums,
+    penalty_ulps,
+    sum_ulps,
 )
 
 ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES + [np.bool_]
@@ -60,11 +62,12 @@ def test_every_dtype_and_layout_against_exact_reference(
         abs_sum, squares = exact_sums(view)
         got_abs, got_squares = l1l2_rs.sums(view)
         assert isinstance(got_abs, float) and isinstance(got_squares, float)
-        assert_within_ulps(got_abs, float(abs_sum), np.float64, 4)
-        assert_within_ulps(got_squares, float(squares), np.float64, 4)
+        assert_within_ulps(got_abs, float(abs_sum), np.float64, sum_ulps(dtype))
+        assert_within_ulps(got_squares, float(squares), np.float64, sum_ulps(dtype))
         result = l1l2_rs.L1L2(0.01, 0.001)(view)
         assert result.dtype == out_dtype, name
-        assert_within_ulps(result, exact_penalty(view, 0.01, 0.001), out_dtype, 1)
+        expected = exact_penalty(view, 0.01, 0.001)
+        assert_within_ulps(result, expected, out_dtype, penalty_ulps(out_dtype))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
@@ -73,7 +76,7 @@ def test_lengths_across_lane_block_and_chunk_boundaries(
     dtype: Any, size: int, rng: np.random.Generator
 ) -> None:
     x = make(rng, (size,), dtype)
-    ulps = 4 if np.dtype(dtype) == np.float64 else 1
+    ulps = penalty_ulps(dtype)
     for l1, l2 in [(0.01, 0.0), (0.0, 0.01), (1e-3, 7e-4)]:
         assert_within_ulps(l1l2_rs.L1L2(l1, l2)(x), exact_penalty(x, l1, l2), dtype, ulps)
 

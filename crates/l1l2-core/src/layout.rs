@@ -7,13 +7,13 @@ use crate::accumulate::Partial;
 use crate::element::Element;
 use crate::Error;
 
-/// Rows at least this long with unit stride go straight to the SIMD kernel; shorter or strided rows
-/// are gathered into a small stack buffer first, so the kernel always sees long runs.
+/// Rows at least this long with a stride in `LANE_STRIDES` go straight to the SIMD kernel; shorter
+/// rows and other strides are gathered into a stack buffer first, so the kernel sees long runs.
 const DIRECT_MIN_LEN: usize = 64;
 /// Row strides the kernel reads in place by dropping lanes: a stride of 2 or 4 costs 2x or 4x the
 /// contiguous work per element, still less than a gather (larger strides are gathered).
 const LANE_STRIDES: [usize; 3] = [1, 2, 4];
-/// Elements gathered per kernel call (a few KiB on the stack).
+/// Elements gathered per kernel call (at most 16 KiB on the stack).
 const GATHER_LEN: usize = 2048;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -117,10 +117,14 @@ fn assert_close(got: f64, exact: f64, ulps: f64, len: usize, what: &str) {
     );
 }
 
-fn check<T: Element + Into64>(values: &[T], ulps: f64) {
+/// Checks `sums(values)` against the exact sums: the f64 sums within the kernel's a-priori bound
+/// for `T` (`T::SUM_ULPS`), and the penalty-style result rounded to `T` within 1 ulp of `T` of the
+/// exact value rounded to `T`, which is the library's promise for narrow inputs.
+fn check<T: Element + Into64>(values: &[T]) {
     let wide: Vec<f64> = values.iter().map(|v| v.to_f64()).collect();
     let (exact_abs, exact_squares) = exact_sums(&wide);
     let got = sums(values);
+    let ulps = T::SUM_ULPS;
     assert_close(got.sum_abs, exact_abs, ulps, values.len(), "sum_abs");
     assert_close(
         got.sum_squares,
@@ -129,6 +133,8 @@ fn check<T: Element + Into64>(values: &[T], ulps: f64) {
         values.len(),
         "sum_squares",
     );
+    assert_rounded_within_1_ulp::<T>(got.sum_abs, exact_abs, "sum_abs");
+    assert_rounded_within_1_ulp::<T>(got.sum_squares, exact_squares, "sum_squares");
     // The naive f64 loop too: within its own error bound (n * 2^-53 relative) plus ours.
     let naive_abs: f64 = wide.iter().map(|x| x.abs()).sum();
     let naive_squares: f64 = wide.iter().map(|x| x * x).sum();
@@ -141,25 +147,60 @@ fn check<T: Element + Into64>(values: &[T], ulps: f64) {
     }
 }
 
+/// `got` and `exact`, each rounded to `T` (float64 for f64), differ by at most one ulp of `T`.
+fn assert_rounded_within_1_ulp<T: Element + Into64>(got: f64, exact: f64, what: &str) {
+    let (got, exact) = (T::round_result(got), T::round_result(exact));
+    if !exact.is_finite() || exact.is_nan() {
+        assert!(
+            got == exact || (got.is_nan() && exact.is_nan()),
+            "{what}: {got} vs {exact}"
+        );
+        return;
+    }
+    let exponent = ((exact.to_bits() >> 52) & 0x7ff) as i32 - 1023; // f64 subnormals: clamped
+    let ulp = 2f64.powi((exponent.max(T::MIN_EXP) - (T::PRECISION - 1)).max(-1022));
+    assert!(
+        (got - exact).abs() <= ulp,
+        "{what}: {got:e} vs {exact:e} rounded to the input type"
+    );
+}
+
+/// What the checks need to know of each float type.
 trait Into64: Copy {
+    /// Bound on the relative error of the f64 sums, in f64 ulp: 4 for f64 (compensated every 4
+    /// plain steps); 64 for narrower types, whose lanes add 64 values plainly before compensation
+    /// (63 roundings at most, 2^-47 relative: still 2^23 below float32's ulp).
+    const SUM_ULPS: f64 = 64.0;
+    /// Significand bits and smallest normal exponent of the output type.
+    const PRECISION: i32;
+    const MIN_EXP: i32;
     fn to_f64(self) -> f64;
 }
 impl Into64 for f64 {
+    const SUM_ULPS: f64 = 4.0;
+    const PRECISION: i32 = 53;
+    const MIN_EXP: i32 = -1022;
     fn to_f64(self) -> f64 {
         self
     }
 }
 impl Into64 for f32 {
+    const PRECISION: i32 = 24;
+    const MIN_EXP: i32 = -126;
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
 }
 impl Into64 for f16 {
+    const PRECISION: i32 = 11;
+    const MIN_EXP: i32 = -14;
     fn to_f64(self) -> f64 {
         f16::to_f64(self)
     }
 }
 impl Into64 for bf16 {
+    const PRECISION: i32 = 8;
+    const MIN_EXP: i32 = -126;
     fn to_f64(self) -> f64 {
         bf16::to_f64(self)
     }
@@ -181,33 +222,33 @@ proptest! {
 
     #[test]
     fn f64_within_4_ulp_of_exact(values in prop::collection::vec(any_f64(), 0..300)) {
-        check(&values, 4.0);
+        check(&values);
     }
 
     #[test]
     fn f32_sums_within_1_ulp_of_exact(bits in prop::collection::vec(any::<u32>(), 0..300)) {
         let values: Vec<f32> = bits.into_iter().map(f32::from_bits).filter(|x| x.is_finite()).collect();
-        check(&values, 2.0);
+        check(&values);
     }
 
     #[test]
     fn f16_every_bit_pattern_mix(bits in prop::collection::vec(any::<u16>(), 0..300)) {
         let values: Vec<f16> = bits.into_iter().map(f16::from_bits).filter(|x| x.is_finite()).collect();
-        check(&values, 1.0);
+        check(&values);
     }
 
     #[test]
     fn bf16_every_bit_pattern_mix(bits in prop::collection::vec(any::<u16>(), 0..300)) {
         let values: Vec<bf16> = bits.into_iter().map(bf16::from_bits).filter(|x| x.is_finite()).collect();
-        check(&values, 1.0);
+        check(&values);
     }
 
     #[test]
     fn long_inputs_cross_chunk_and_thread_boundaries(len in 0usize..400_000, seed in any::<u64>()) {
         let values = random_f64(len, seed);
-        check(&values, 4.0);
+        check(&values);
         let narrow: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-        check(&narrow, 2.0);
+        check(&narrow);
     }
 
     #[test]
@@ -261,9 +302,9 @@ fn random_f64(len: usize, seed: u64) -> Vec<f64> {
 fn every_remainder_of_the_lane_width_and_fold_block() {
     for len in 0..=1100 {
         let values = random_f64(len, len as u64 + 7);
-        check(&values, 4.0);
+        check(&values);
         let narrow: Vec<f16> = values.iter().map(|&x| f16::from_f64(x)).collect();
-        check(&narrow, 1.0);
+        check(&narrow);
     }
 }
 
@@ -397,8 +438,10 @@ proptest! {
             .collect();
         let (exact_abs, exact_squares) = exact_sums(&addressed16);
         let got = StridedView::new(&narrow, offset, &[len], &[stride]).unwrap().sums();
-        assert_close(got.sum_abs, exact_abs, 1.0, len, "f16 abs");
-        assert_close(got.sum_squares, exact_squares, 1.0, len, "f16 squares");
+        assert_close(got.sum_abs, exact_abs, f16::SUM_ULPS, len, "f16 abs");
+        assert_close(got.sum_squares, exact_squares, f16::SUM_ULPS, len, "f16 squares");
+        assert_rounded_within_1_ulp::<f16>(got.sum_abs, exact_abs, "f16 abs");
+        assert_rounded_within_1_ulp::<f16>(got.sum_squares, exact_squares, "f16 squares");
     }
 }
 

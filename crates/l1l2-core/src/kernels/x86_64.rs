@@ -1,6 +1,6 @@
 //! x86-64 instantiations of the generic float kernel. Each wrapper only adds target features: the
 //! body is `float_sums_generic`, inlined and vectorized for that instruction set. f16 input is
-//! widened with F16C's `vcvtph2ps` first (the only place intrinsics are needed).
+//! widened step by step in registers with F16C's `vcvtph2ps` (the only place intrinsics are needed).
 
 use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
 
