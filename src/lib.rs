@@ -309,6 +309,9 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_isa, m)?)?;
     m.add_function(wrap_pyfunction!(_read_probe, m)?)?;
     m.add("CHUNK_LEN", l1l2_core::parallel::CHUNK)?;
-    m.add("PARALLEL_MIN_LEN", l1l2_core::parallel::PARALLEL_MIN_LEN)?;
+    m.add(
+        "PARALLEL_MIN_BYTES",
+        l1l2_core::parallel::PARALLEL_MIN_BYTES,
+    )?;
     Ok(())
 }

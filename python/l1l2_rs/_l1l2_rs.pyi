@@ -6,7 +6,7 @@ import numpy as np
 
 __all__ = [
     "CHUNK_LEN",
-    "PARALLEL_MIN_LEN",
+    "PARALLEL_MIN_BYTES",
     "_read_probe",
     "get_num_threads",
     "penalty",
@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 CHUNK_LEN: Final[int]
-PARALLEL_MIN_LEN: Final[int]
+PARALLEL_MIN_BYTES: Final[int]
 
 def sums(x: object) -> tuple[float, float]: ...
 def penalty(x: object, l1: float | None, l2: float | None) -> np.generic: ...

@@ -87,7 +87,7 @@ impl U192 {
 }
 
 /// The partial result of one piece of the input; merged in a fixed order.
-pub trait Partial: Copy + Default + Send {
+pub trait Partial: Copy + Default + Send + Sync {
     fn merge(self, other: Self) -> Self;
     /// `(sum |x|, sum x^2)`, each rounded once to f64.
     fn finish(self) -> (f64, f64);

@@ -87,7 +87,7 @@ impl Sums {
 /// assert_eq!(l1l2_core::sums(&x).sum_squares, 4.0 * 60000.0 * 60000.0);
 /// ```
 pub fn sums<T: Element>(data: &[T]) -> Sums {
-    finish::<T>(parallel::reduce(data.len(), &|range| {
+    finish::<T>(parallel::reduce(data.len(), size_of::<T>(), &|range| {
         T::reduce_run(&data[range], 1)
     }))
 }
@@ -154,7 +154,7 @@ impl<'a, T: Element> StridedView<'a, T> {
 
     /// `sum |x|` and `sum x^2` over the view, in one pass, in place.
     pub fn sums(&self) -> Sums {
-        finish::<T>(parallel::reduce(self.len(), &|range| {
+        finish::<T>(parallel::reduce(self.len(), size_of::<T>(), &|range| {
             self.layout.reduce_range(self.data, range)
         }))
     }

@@ -1,9 +1,17 @@
 //! Deterministic parallel reduction and the thread pool behind it.
 //!
 //! The input is cut into chunks of `CHUNK` elements whose boundaries depend on the length only.
-//! Chunk partials are merged along a fixed binary tree (split at the middle chunk), whether the two
-//! halves of a node ran on two threads or one after the other; so the result is bit-identical for
-//! any thread count, and the serial path is the same tree walked by one thread.
+//! Chunk partials are merged along a fixed binary tree (split at the middle chunk). For a parallel
+//! run the tree is cut at depth `SPLIT_DEPTH` into at most `MAX_PIECES` subtrees; the calling
+//! thread and the pool's workers take pieces from a shared counter, each piece's partial lands in
+//! its own slot, and the top of the tree is then merged from the slots in the fixed order. Who
+//! computed which piece never changes the bits, so the result is identical for any thread count,
+//! and the serial path is the same tree walked by one thread.
+//!
+//! The calling thread works too (a pool of `n - 1` workers serves `n` threads), so a call never
+//! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
+//! left. When its pieces are done, the caller spins briefly for the workers instead of sleeping,
+//! which spares it a wake-up of its own (on virtual machines, ~10 us).
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
@@ -18,6 +26,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -27,12 +36,21 @@ use crate::accumulate::Partial;
 /// per-chunk cost far above a rayon task's and the partials' count small.
 pub const CHUNK: usize = 1 << 15;
 
-/// Inputs shorter than this run on the calling thread: waking a second thread costs more than
-/// it saves below ~256 KiB of f32.
-pub const PARALLEL_MIN_LEN: usize = 1 << 16;
+/// Inputs of fewer bytes run on the calling thread: below this, handing half of the work to a
+/// second thread does not win back what waking it costs (see the README's thread figures).
+pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
-/// Reduces `0..len` with `leaf` over chunks, in parallel when that pays, always along the same tree.
-pub(crate) fn reduce<P, F>(len: usize, leaf: &F) -> P
+/// How deep the chunk tree is cut for a parallel run: at most `MAX_PIECES` pieces, enough to
+/// balance the threads (a piece is at most 1/128 of the input) with a 4-8 KiB slot array.
+const SPLIT_DEPTH: u32 = 7;
+const MAX_PIECES: usize = 1 << SPLIT_DEPTH;
+
+/// How long the caller spins for the workers' last pieces before it blocks.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Reduces `0..len` with `leaf` over chunks, in parallel when that pays, always along the same
+/// tree. `element_size` (bytes) sizes the work for the parallel threshold.
+pub(crate) fn reduce<P, F>(len: usize, element_size: usize, leaf: &F) -> P
 where
     P: Partial,
     F: Fn(Range<usize>) -> P + Sync,
@@ -40,49 +58,113 @@ where
     if len <= CHUNK {
         return leaf(0..len);
     }
-    let chunks = len.div_ceil(CHUNK);
-    let node = Node { len, leaf };
-    if len < PARALLEL_MIN_LEN {
-        return node.reduce(0..chunks, false);
+    let tree = Tree { len, leaf };
+    let chunks = 0..len.div_ceil(CHUNK);
+    if len.saturating_mul(element_size) < PARALLEL_MIN_BYTES {
+        return tree.reduce(chunks);
     }
-    if rayon::current_thread_index().is_some() {
-        return node.reduce(0..chunks, true); // inside a caller's pool: use it
-    }
-    match pool() {
-        Some(pool) => pool.install(|| node.reduce(0..chunks, true)),
-        None => node.reduce(0..chunks, false),
-    }
+    let mut pieces: [Range<usize>; MAX_PIECES] = std::array::from_fn(|_| 0..0);
+    let mut count = 0;
+    walk(chunks.clone(), SPLIT_DEPTH, &mut |piece| {
+        pieces[count] = piece;
+        count += 1;
+    });
+    let pieces = &pieces[..count];
+    let slots: [OnceLock<P>; MAX_PIECES] = std::array::from_fn(|_| OnceLock::new());
+    let next = AtomicUsize::new(0);
+    spread(&|| loop {
+        let index = next.fetch_add(1, Ordering::Relaxed);
+        let Some(piece) = pieces.get(index) else {
+            break;
+        };
+        slots[index].get_or_init(|| tree.reduce(piece.clone()));
+    });
+    // Every piece is done by now; `get_or_init` keeps this total even if one were not.
+    let mut index = 0;
+    merge_walk(chunks, SPLIT_DEPTH, &mut |piece| {
+        let partial = *slots[index].get_or_init(|| tree.reduce(piece));
+        index += 1;
+        partial
+    })
 }
 
-struct Node<'a, F> {
+/// The chunk tree of an input of `len` elements.
+struct Tree<'a, F> {
     len: usize,
     leaf: &'a F,
 }
 
-impl<F> Node<'_, F> {
-    fn reduce<P>(&self, chunks: Range<usize>, parallel: bool) -> P
+impl<F> Tree<'_, F> {
+    /// The partial of `chunks`, merged along the fixed tree.
+    fn reduce<P>(&self, chunks: Range<usize>) -> P
     where
         P: Partial,
-        F: Fn(Range<usize>) -> P + Sync,
+        F: Fn(Range<usize>) -> P,
     {
-        if chunks.len() == 1 {
-            let start = chunks.start * CHUNK;
-            return (self.leaf)(start..self.len.min(start + CHUNK));
-        }
-        let middle = chunks.start + chunks.len() / 2;
-        let (left, right) = if parallel {
-            rayon::join(
-                || self.reduce(chunks.start..middle, true),
-                || self.reduce(middle..chunks.end, true),
-            )
-        } else {
-            (
-                self.reduce(chunks.start..middle, false),
-                self.reduce(middle..chunks.end, false),
-            )
-        };
-        left.merge(right)
+        merge_walk(chunks, u32::MAX, &mut |chunk| {
+            let start = chunk.start * CHUNK;
+            (self.leaf)(start..self.len.min(start + CHUNK))
+        })
     }
+}
+
+/// Calls `visit` on the nodes of the tree over `chunks` at depth `depth` (or on leaves above it),
+/// left to right. The tree splits a node at its middle chunk.
+fn walk(chunks: Range<usize>, depth: u32, visit: &mut impl FnMut(Range<usize>)) {
+    if depth == 0 || chunks.len() <= 1 {
+        return visit(chunks);
+    }
+    let middle = chunks.start + chunks.len() / 2;
+    walk(chunks.start..middle, depth - 1, visit);
+    walk(middle..chunks.end, depth - 1, visit);
+}
+
+/// `walk`, merging the partials `visit` returns along the tree.
+fn merge_walk<P: Partial>(
+    chunks: Range<usize>,
+    depth: u32,
+    visit: &mut impl FnMut(Range<usize>) -> P,
+) -> P {
+    if depth == 0 || chunks.len() <= 1 {
+        return visit(chunks);
+    }
+    let middle = chunks.start + chunks.len() / 2;
+    let left = merge_walk(chunks.start..middle, depth - 1, visit);
+    left.merge(merge_walk(middle..chunks.end, depth - 1, visit))
+}
+
+/// Runs `work` on the calling thread and on every worker of the pool (the caller's rayon pool, or
+/// ours), returning when all have returned. The one place that touches a thread pool.
+fn spread(work: &(impl Fn() + Sync)) {
+    if rayon::current_thread_index().is_some() {
+        // Inside a caller's pool: use it. Waiting there steals work, it never sleeps.
+        let helpers = rayon::current_num_threads() - 1;
+        rayon::in_place_scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|_| work());
+            }
+            work();
+        });
+        return;
+    }
+    let Some(pool) = pool() else {
+        return work();
+    };
+    let helpers = pool.current_num_threads();
+    let returned = AtomicUsize::new(0);
+    pool.in_place_scope(|scope| {
+        for _ in 0..helpers {
+            scope.spawn(|_| {
+                work();
+                returned.fetch_add(1, Ordering::Release);
+            });
+        }
+        work();
+        let deadline = Instant::now() + SPIN;
+        while returned.load(Ordering::Acquire) < helpers && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+    });
 }
 
 /// 0 = not set: use the environment or the CPU count.
@@ -123,11 +205,12 @@ pub fn parse_thread_count(value: &str) -> Option<usize> {
     value.trim().parse::<usize>().ok().filter(|&n| n > 0)
 }
 
-/// The pool for this process at the requested size; `None` means run serially (one thread wanted,
-/// the pool could not be built, or a fork left the lock held).
+/// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
+/// `None` means run serially (one thread wanted, the pool could not be built, or a fork left the
+/// lock held).
 fn pool() -> Option<Arc<ThreadPool>> {
-    let threads = num_threads();
-    if threads <= 1 {
+    let workers = num_threads() - 1;
+    if workers == 0 {
         return None;
     }
     let pid = std::process::id();
@@ -141,13 +224,13 @@ fn pool() -> Option<Arc<ThreadPool>> {
     }
     if let Some(pool) = slot
         .as_ref()
-        .filter(|pool| pool.current_num_threads() == threads)
+        .filter(|pool| pool.current_num_threads() == workers)
     {
         return Some(Arc::clone(pool));
     }
     let pool = Arc::new(
         ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(workers)
             .thread_name(|i| format!("l1l2-{i}"))
             .build()
             .ok()?,
@@ -190,9 +273,9 @@ mod tests {
             CHUNK,
             CHUNK + 1,
             5 * CHUNK + 7,
-            PARALLEL_MIN_LEN * 3 + 1,
+            PARALLEL_MIN_BYTES * 3 + 1,
         ] {
-            assert_eq!(reduce(len, &count_leaf).abs, len as u128, "len {len}");
+            assert_eq!(reduce(len, 1, &count_leaf).abs, len as u128, "len {len}");
         }
     }
 

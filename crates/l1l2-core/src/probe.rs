@@ -19,7 +19,7 @@ impl Partial for Xor {
 
 /// XOR of all 8-byte words of `words` (one vector instruction per 32-64 bytes: memory-bound).
 pub fn read_probe(words: &[u64]) -> u64 {
-    parallel::reduce(words.len(), &|range| {
+    parallel::reduce(words.len(), size_of::<u64>(), &|range| {
         Xor(words[range].iter().fold(0, |acc, &word| acc ^ word))
     })
     .0
