@@ -171,6 +171,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--dtypes", default="float32,float64,float16,bfloat16")
+    parser.add_argument("--sizes", help="comma-separated element counts (default 1e3..1e8)")
     parser.add_argument("--replot", action="store_true", help="redraw the plot from compare.json")
     args = parser.parse_args()
     if args.replot:
@@ -184,6 +185,8 @@ def main() -> int:
     except ImportError:
         bfloat16 = None
     sizes = [1_000, 10_000, 100_000] if args.quick else [10**e for e in range(3, 9)]
+    if args.sizes:
+        sizes = [int(float(size)) for size in args.sizes.split(",")]
     rounds, budget = (5, 0.05) if args.quick else (21, 0.6)
     known = {
         "float32": np.float32,

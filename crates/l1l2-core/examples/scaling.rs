@@ -1,6 +1,9 @@
-//! Thread scaling of `sums` at a few sizes: `cargo run --release -p l1l2-core --example scaling`.
+//! Thread scaling of `sums` next to the read probe, at a few sizes, for f32 and f64:
+//! `cargo run --release -p l1l2-core --example scaling`. Medians of 41 back-to-back calls.
 
 use std::time::Instant;
+
+use l1l2_core::Element;
 
 fn median(mut f: impl FnMut()) -> f64 {
     let mut times: Vec<f64> = (0..41)
@@ -14,11 +17,13 @@ fn median(mut f: impl FnMut()) -> f64 {
     times[20]
 }
 
-fn main() {
-    for len in [100_000usize, 300_000, 1_000_000, 10_000_000] {
-        let data: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
-        let words: Vec<u64> = (0..len as u64 / 2).collect();
-        let mut line = format!("{len:>10}");
+fn scaling<T: Element>(name: &str, convert: impl Fn(f64) -> T) {
+    for len in [100_000usize, 1_000_000, 10_000_000, 100_000_000] {
+        let data: Vec<T> = (0..len)
+            .map(|i| convert((i % 1000) as f64 * 1e-3 - 0.5))
+            .collect();
+        let words: Vec<u64> = (0..(len * size_of::<T>() / 8) as u64).collect();
+        let mut line = format!("{name} {len:>10}");
         for threads in [1, 2] {
             l1l2_core::set_num_threads(threads);
             let sums = median(|| {
@@ -27,16 +32,14 @@ fn main() {
             let probe = median(|| {
                 std::hint::black_box(l1l2_core::probe::read_probe(std::hint::black_box(&words)));
             });
-            line += &format!("  {threads}t: sums {sums:8.1} us probe {probe:7.1} us");
+            line += &format!("  {threads}t: sums {sums:9.1} us probe {probe:9.1} us");
         }
-        let halves = median(|| {
-            let (a, b) = data.split_at(len / 2);
-            std::thread::scope(|s| {
-                let h = s.spawn(|| l1l2_core::sums(a));
-                std::hint::black_box(l1l2_core::sums(b));
-                std::hint::black_box(h.join().unwrap());
-            });
-        });
-        println!("{line}  | std::thread halves (serial each): {halves:8.1} us");
+        println!("{line}");
     }
+    l1l2_core::set_num_threads(0);
+}
+
+fn main() {
+    scaling("f32", |x| x as f32);
+    scaling("f64", |x| x);
 }
