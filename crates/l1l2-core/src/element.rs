@@ -4,10 +4,7 @@
 use half::{bf16, f16};
 
 use crate::accumulate::{ExactPartial, FloatPartial, Partial};
-use crate::kernels::{self, Stride, LANES};
-
-/// The largest stride the kernels read in place (see `kernels::Stride`).
-pub(crate) const MAX_STRIDE: usize = 4;
+use crate::kernels::{self, LANES};
 
 mod sealed {
     pub trait Sealed {}
@@ -22,9 +19,10 @@ pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
     #[doc(hidden)]
     type Partial: Partial;
 
-    /// The partial sums of `run[0], run[s], run[2 * s], ..` for the stride `s`.
+    /// The partial sums of `run[0], run[step], run[2 * step], ..`; `step` divides the kernel's
+    /// lane count (see `kernels::float_sums`).
     #[doc(hidden)]
-    fn reduce_run(run: &[Self], stride: Stride) -> Self::Partial;
+    fn reduce_run(run: &[Self], step: usize) -> Self::Partial;
 
     /// Rounds an f64 result to the precision of the type a caller reports results in (Keras returns
     /// the input's float dtype; integer and bool inputs report float64). Correctly rounded, once.
@@ -32,7 +30,7 @@ pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
 }
 
 /// Float elements widen to f64 inside the SIMD kernel.
-pub(crate) trait Float: Copy + Default + Send + Sync + 'static {
+pub(crate) trait Float: Copy + Send + Sync + 'static {
     /// Lane sums run uncompensated for this many steps before folding into the compensated total:
     /// short for f64 (whose squares are inexact and whose precision is the output's), long for
     /// narrower inputs (f64 accumulation has 29+ bits to spare over their output precision).
@@ -45,12 +43,15 @@ pub(crate) trait Float: Copy + Default + Send + Sync + 'static {
     /// `|x|` as f64 (exact for every input type).
     fn widen_abs(self) -> f64;
 
-    /// `|x|` as f64 of every `STRIDE`-th value of one whole step (`step.len() == LANES * STRIDE`).
-    /// Types whose widening has a vector instruction of its own override this.
+    /// `|x|` as f64 for one whole step of `LANES` values (`step.len() == LANES`). Types whose
+    /// widening has a vector instruction of its own override this.
     #[inline(always)]
-    fn widen_abs_step<const STRIDE: usize>(step: &[Self]) -> [f64; LANES] {
-        let step = &step[..LANES * STRIDE];
-        std::array::from_fn(|lane| step[lane * STRIDE].widen_abs())
+    fn widen_abs_step(step: &[Self]) -> [f64; LANES] {
+        let mut widened = [0.0; LANES];
+        for (target, value) in widened.iter_mut().zip(step) {
+            *target = value.widen_abs();
+        }
+        widened
     }
 }
 
@@ -116,8 +117,8 @@ macro_rules! impl_float_element {
         impl Element for $ty {
             type Partial = FloatPartial;
             #[inline]
-            fn reduce_run(run: &[Self], stride: Stride) -> FloatPartial {
-                $reduce(run, stride)
+            fn reduce_run(run: &[Self], step: usize) -> FloatPartial {
+                $reduce(run, step)
             }
             #[inline]
             fn round_result(value: f64) -> f64 {
@@ -157,8 +158,8 @@ macro_rules! impl_integer_element {
         impl Element for $ty {
             type Partial = ExactPartial;
             #[inline]
-            fn reduce_run(run: &[Self], stride: Stride) -> ExactPartial {
-                kernels::exact_sums(run, stride)
+            fn reduce_run(run: &[Self], step: usize) -> ExactPartial {
+                kernels::exact_sums(run, step)
             }
             #[inline]
             fn round_result(value: f64) -> f64 {

@@ -5,12 +5,14 @@ use std::ops::Range;
 
 use crate::accumulate::Partial;
 use crate::element::Element;
-use crate::kernels::Stride;
 use crate::Error;
 
-/// Rows at least this long with a stride of 1, 2 or 4 (`kernels::Stride`) go straight to the SIMD kernel; shorter
+/// Rows at least this long with a stride in `LANE_STRIDES` go straight to the SIMD kernel; shorter
 /// rows and other strides are gathered into a stack buffer first, so the kernel sees long runs.
 const DIRECT_MIN_LEN: usize = 64;
+/// Row strides the kernel reads in place by dropping lanes: a stride of 2 or 4 costs 2x or 4x the
+/// contiguous work per element, still less than a gather (larger strides are gathered).
+const LANE_STRIDES: [usize; 3] = [1, 2, 4];
 /// Elements gathered per kernel call (at most 16 KiB on the stack).
 const GATHER_LEN: usize = 2048;
 
@@ -161,12 +163,12 @@ impl Layout {
     pub(crate) fn reduce_range<T: Element>(&self, data: &[T], range: Range<usize>) -> T::Partial {
         let mut total = T::Partial::default();
         let stride = self.row_stride;
-        if let Some(lane_stride) = Stride::of(stride).filter(|_| self.row_len >= DIRECT_MIN_LEN) {
+        if LANE_STRIDES.contains(&stride) && self.row_len >= DIRECT_MIN_LEN {
             // Long rows of small stride: the kernel reads each row's span in place and keeps
-            // every `stride`-th value (see `kernels::float_sums`).
+            // every `stride`-th lane (see `kernels::float_sums`).
             self.for_each_row_piece(range, |first, count| {
                 let span = &data[first..=first + (count - 1) * stride];
-                total = total.merge(T::reduce_run(span, lane_stride));
+                total = total.merge(T::reduce_run(span, stride));
             });
             return total;
         }
@@ -188,12 +190,12 @@ impl Layout {
                 first += take * stride;
                 count -= take;
                 if filled == GATHER_LEN {
-                    total = total.merge(T::reduce_run(&buffer, Stride::One));
+                    total = total.merge(T::reduce_run(&buffer, 1));
                     filled = 0;
                 }
             }
         });
-        total.merge(T::reduce_run(&buffer[..filled], Stride::One))
+        total.merge(T::reduce_run(&buffer[..filled], 1))
     }
 }
 

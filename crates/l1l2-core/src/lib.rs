@@ -41,7 +41,6 @@ pub use kernels::{isa, Isa};
 pub use parallel::{num_threads, set_num_threads};
 
 use accumulate::Partial;
-use kernels::Stride;
 use layout::Layout;
 
 /// `sum |x|` and `sum x^2` of an input, each rounded once to f64.
@@ -89,7 +88,7 @@ impl Sums {
 /// ```
 pub fn sums<T: Element>(data: &[T]) -> Sums {
     finish::<T>(parallel::reduce(data.len(), size_of::<T>(), &|range| {
-        T::reduce_run(&data[range], Stride::One)
+        T::reduce_run(&data[range], 1)
     }))
 }
 

@@ -58,86 +58,48 @@ fn detect_isa() -> Isa {
     Isa::Baseline
 }
 
-/// The element strides the kernels read in place: `run[0], run[s], run[2 * s], ..` (public in a
-/// private module, like `Partial`: named by the sealed `Element` trait, not by users).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stride {
-    One,
-    Two,
-    Four,
-}
-
-impl Stride {
-    pub(crate) fn of(stride: usize) -> Option<Self> {
-        match stride {
-            1 => Some(Self::One),
-            2 => Some(Self::Two),
-            4 => Some(Self::Four),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn get(self) -> usize {
-        match self {
-            Self::One => 1,
-            Self::Two => 2,
-            Self::Four => 4,
-        }
-    }
-}
-
-/// `sum |x|` and `sum x^2` of the elements `run[0], run[s], run[2 * s], ..` for the stride `s`, on
-/// the best instruction set of this CPU.
+/// `sum |x|` and `sum x^2` of the elements `run[0], run[step], run[2 * step], ..` (`step` divides
+/// `LANES`), on the best instruction set of this CPU.
 ///
-/// Element `k` of the strided sequence goes to lane `k % LANES` whatever the stride: each step
-/// reads `LANES * s` consecutive values and keeps every `s`-th (vector loads and shuffles), so a
-/// strided view gives the same bits as a contiguous copy of its elements.
+/// The kernel puts element `i` in lane `i % LANES`, so with `step` dividing `LANES` the wanted
+/// elements are exactly those of lanes `0, step, 2 * step, ..`: the kernel reads the whole run at
+/// full vector speed and the other lanes are dropped at the end. For `x[::2]` that costs twice the
+/// work per element of a contiguous run, far less than gathering element by element.
 #[inline]
-pub(crate) fn float_sums<T: Float>(run: &[T], stride: Stride) -> FloatPartial {
+pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
-        Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run, stride) },
+        Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run, step) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run, stride) },
-        _ => float_sums_strided::<T, BASELINE_FMA>(run, stride),
+        Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run, step) },
+        _ => float_sums_generic::<T, BASELINE_FMA>(run, step),
     }
 }
 
 /// `float_sums` for f16 input: widened with F16C where the CPU has it (see `x86_64::F16c`),
 /// element by element in software otherwise; the same lanes and order either way.
-pub(crate) fn f16_sums(run: &[f16], stride: Stride) -> FloatPartial {
+pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
-        Isa::Avx512 => unsafe { x86_64::f16_sums_avx512(run, stride) },
+        Isa::Avx512 => unsafe { x86_64::f16_sums_avx512(run, step) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 => unsafe { x86_64::f16_sums_avx2(run, stride) },
-        _ => float_sums_strided::<f16, BASELINE_FMA>(run, stride),
+        Isa::Avx2 => unsafe { x86_64::f16_sums_avx2(run, step) },
+        _ => float_sums_generic::<f16, BASELINE_FMA>(run, step),
     }
 }
 
-/// The kernel compiled for each stride (a constant, so each step's selection is a fixed shuffle).
+/// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
+/// with that wrapper's target features. `FMA`: the ISA has fused multiply-add (used only where it
+/// gives the same bits as multiply-then-add, see `Float::EXACT_SQUARES`).
 #[inline(always)]
-pub(crate) fn float_sums_strided<T: Float, const FMA: bool>(
+pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(
     run: &[T],
-    stride: Stride,
+    step: usize,
 ) -> FloatPartial {
-    match stride {
-        Stride::One => float_sums_generic::<T, FMA, 1>(run),
-        Stride::Two => float_sums_generic::<T, FMA, 2>(run),
-        Stride::Four => float_sums_generic::<T, FMA, 4>(run),
-    }
-}
-
-/// The one float kernel, over `run[0], run[STRIDE], ..`. `#[inline(always)]` so that each per-ISA
-/// wrapper compiles its own copy with that wrapper's target features. `FMA`: the ISA has fused
-/// multiply-add (used only where it gives the same bits as multiply-then-add, see
-/// `Float::EXACT_SQUARES`).
-#[inline(always)]
-fn float_sums_generic<T: Float, const FMA: bool, const STRIDE: usize>(run: &[T]) -> FloatPartial {
     let mut abs_total = [Compensated::default(); LANES];
     let mut squares_total = [Compensated::default(); LANES];
     let fold = |abs: &[f64; LANES],
@@ -150,42 +112,35 @@ fn float_sums_generic<T: Float, const FMA: bool, const STRIDE: usize>(run: &[T])
         }
     };
 
-    let step_len = LANES * STRIDE;
-    let blocks = run.chunks_exact(step_len * T::STEPS_PER_FOLD);
+    let blocks = run.chunks_exact(LANES * T::STEPS_PER_FOLD);
     let tail = blocks.remainder();
     for block in blocks {
-        let (abs, squares) = lane_sums::<T, FMA, STRIDE>(block);
+        let (abs, squares) = lane_sums::<T, FMA>(block);
         fold(&abs, &squares, &mut abs_total, &mut squares_total);
     }
-    // The tail (fewer than LANES * STEPS_PER_FOLD wanted elements): its whole steps as in a block,
-    // then the last <= LANES wanted elements into the first lanes, so that no lane adds more than
-    // STEPS_PER_FOLD terms and element `k` still lands in lane `k % LANES`.
-    let steps = tail.chunks_exact(step_len);
+    // The tail (< LANES * STEPS_PER_FOLD elements): its whole steps as in a block, then the last
+    // < LANES elements into the first lanes, so that no lane adds more than STEPS_PER_FOLD terms.
+    let steps = tail.chunks_exact(LANES);
     let rest = steps.remainder();
-    let (mut abs, mut squares) = lane_sums::<T, FMA, STRIDE>(&tail[..tail.len() - rest.len()]);
-    let last = rest
-        .iter()
-        .step_by(STRIDE)
-        .zip(abs.iter_mut().zip(&mut squares));
-    for (value, (abs, squares)) in last {
+    let (mut abs, mut squares) = lane_sums::<T, FMA>(&tail[..tail.len() - rest.len()]);
+    let (last_abs, last_squares) = (&mut abs[..rest.len()], &mut squares[..rest.len()]);
+    for ((value, abs), squares) in rest.iter().zip(last_abs).zip(last_squares) {
         let x = value.widen_abs();
         *abs += x;
         *squares = square_add::<T, FMA>(x, *squares);
     }
     fold(&abs, &squares, &mut abs_total, &mut squares_total);
 
-    combine_lanes(abs_total, squares_total)
+    combine_lanes(abs_total, squares_total, step)
 }
 
-/// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` wanted elements.
+/// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
 #[inline(always)]
-fn lane_sums<T: Float, const FMA: bool, const STRIDE: usize>(
-    steps: &[T],
-) -> ([f64; LANES], [f64; LANES]) {
+fn lane_sums<T: Float, const FMA: bool>(steps: &[T]) -> ([f64; LANES], [f64; LANES]) {
     let mut abs = [0.0f64; LANES];
     let mut squares = [0.0f64; LANES];
-    for step in steps.chunks_exact(LANES * STRIDE) {
-        let widened = T::widen_abs_step::<STRIDE>(step);
+    for step in steps.chunks_exact(LANES) {
+        let widened = T::widen_abs_step(step);
         for lane in 0..LANES {
             let x = widened[lane];
             abs[lane] += x;
@@ -207,7 +162,16 @@ fn square_add<T: Float, const FMA: bool>(x: f64, acc: f64) -> f64 {
 
 /// Pairwise (tree) combination of the lanes, in a fixed order.
 #[inline(always)]
-fn combine_lanes(mut abs: [Compensated; LANES], mut squares: [Compensated; LANES]) -> FloatPartial {
+fn combine_lanes(
+    mut abs: [Compensated; LANES],
+    mut squares: [Compensated; LANES],
+    step: usize,
+) -> FloatPartial {
+    debug_assert!(step > 0 && LANES % step == 0);
+    for lane in (0..LANES).filter(|lane| lane % step != 0) {
+        abs[lane] = Compensated::default();
+        squares[lane] = Compensated::default();
+    }
     let mut width = LANES / 2;
     while width > 0 {
         for lane in 0..width {
@@ -224,10 +188,10 @@ fn combine_lanes(mut abs: [Compensated; LANES], mut squares: [Compensated; LANES
 
 /// Exact sums of an integer or bool run: a square of a 64-bit value needs up to 128 bits, so the
 /// running sum of squares carries into a 192-bit accumulator.
-pub(crate) fn exact_sums<T: Magnitude>(run: &[T], stride: Stride) -> ExactPartial {
+pub(crate) fn exact_sums<T: Magnitude>(run: &[T], step: usize) -> ExactPartial {
     let mut abs: u128 = 0;
     let mut squares = U192::default();
-    for value in run.iter().step_by(stride.get()) {
+    for value in run.iter().step_by(step) {
         let magnitude = value.magnitude();
         abs += u128::from(magnitude);
         squares.add(u128::from(magnitude) * u128::from(magnitude));

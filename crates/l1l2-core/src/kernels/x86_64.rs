@@ -6,33 +6,33 @@ use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si
 
 use half::f16;
 
-use super::{float_sums_strided, Stride, LANES};
+use super::{float_sums_generic, LANES};
 use crate::accumulate::FloatPartial;
-use crate::element::{Float, MAX_STRIDE};
+use crate::element::Float;
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) fn float_sums_avx512<T: Float>(run: &[T], stride: Stride) -> FloatPartial {
-    float_sums_strided::<T, true>(run, stride)
+pub(super) fn float_sums_avx512<T: Float>(run: &[T], step: usize) -> FloatPartial {
+    float_sums_generic::<T, true>(run, step)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn float_sums_avx2<T: Float>(run: &[T], stride: Stride) -> FloatPartial {
-    float_sums_strided::<T, true>(run, stride)
+pub(super) fn float_sums_avx2<T: Float>(run: &[T], step: usize) -> FloatPartial {
+    float_sums_generic::<T, true>(run, step)
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) fn f16_sums_avx512(run: &[f16], stride: Stride) -> FloatPartial {
-    float_sums_strided::<F16c, true>(as_f16c(run), stride)
+pub(super) fn f16_sums_avx512(run: &[f16], step: usize) -> FloatPartial {
+    float_sums_generic::<F16c, true>(as_f16c(run), step)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn f16_sums_avx2(run: &[f16], stride: Stride) -> FloatPartial {
-    float_sums_strided::<F16c, true>(as_f16c(run), stride)
+pub(super) fn f16_sums_avx2(run: &[f16], step: usize) -> FloatPartial {
+    float_sums_generic::<F16c, true>(as_f16c(run), step)
 }
 
 /// An f16 that the kernel widens with F16C, 8 values per `vcvtph2ps`. Private to this module and
 /// only used by the two wrappers above, which are compiled with F16C enabled.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 #[repr(transparent)]
 struct F16c(f16);
 
@@ -52,9 +52,9 @@ impl Float for F16c {
     }
 
     #[inline(always)]
-    fn widen_abs_step<const STRIDE: usize>(step: &[Self]) -> [f64; LANES] {
-        debug_assert_eq!(step.len(), LANES * STRIDE);
-        let mut halves = [0f32; LANES * MAX_STRIDE];
+    fn widen_abs_step(step: &[Self]) -> [f64; LANES] {
+        debug_assert_eq!(step.len(), LANES);
+        let mut halves = [0f32; LANES];
         for (source, target) in step.chunks_exact(8).zip(halves.chunks_exact_mut(8)) {
             // SAFETY: `source` is 8 f16 = 16 readable bytes and `target` 8 f32 = 32 writable
             // bytes; both intrinsics accept unaligned addresses. F16C is available: this type is
@@ -65,6 +65,6 @@ impl Float for F16c {
                 _mm256_storeu_ps(target.as_mut_ptr(), _mm256_cvtph_ps(packed));
             }
         }
-        std::array::from_fn(|lane| f64::from(halves[lane * STRIDE].abs()))
+        std::array::from_fn(|lane| f64::from(halves[lane].abs()))
     }
 }
