@@ -30,7 +30,7 @@ pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
 }
 
 /// Float elements widen to f64 inside the SIMD kernel.
-pub(crate) trait Float: Copy + Send + Sync + 'static {
+pub(crate) trait Float: Copy + Default + Send + Sync + 'static {
     /// Lane sums run uncompensated for this many steps before folding into the compensated total:
     /// short for f64 (whose squares are inexact and whose precision is the output's), long for
     /// narrower inputs (f64 accumulation has 29+ bits to spare over their output precision).

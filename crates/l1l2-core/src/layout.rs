@@ -16,6 +16,10 @@ const LANE_STRIDES: [usize; 3] = [1, 2, 4];
 /// Elements gathered per kernel call (at most 16 KiB on the stack).
 const GATHER_LEN: usize = 2048;
 
+/// A value placed at a 64-byte boundary.
+#[repr(align(64))]
+struct LineAligned<T>(T);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Dim {
     len: usize,
@@ -172,7 +176,10 @@ impl Layout {
             });
             return total;
         }
-        let mut buffer = [T::default(); GATHER_LEN];
+        // Cache-line aligned wherever the stack of the thread at hand puts it: the kernel's lanes
+        // start at the first aligned element, so a buffer at another offset would change the bits.
+        let mut gathered = LineAligned([T::default(); GATHER_LEN]);
+        let buffer = &mut gathered.0;
         let mut filled = 0;
         self.for_each_row_piece(range, |mut first, mut count| {
             while count > 0 {
@@ -190,7 +197,7 @@ impl Layout {
                 first += take * stride;
                 count -= take;
                 if filled == GATHER_LEN {
-                    total = total.merge(T::reduce_run(&buffer, 1));
+                    total = total.merge(T::reduce_run(buffer, 1));
                     filled = 0;
                 }
             }

@@ -1,8 +1,13 @@
 //! A read-bandwidth probe: the least work that still reads every byte once, through the same
 //! chunking and thread pool as the real reduction. Benchmarks use it as the roofline a one-pass
 //! penalty cannot beat on the machine and in the run at hand; it is not part of the stable API.
+//!
+//! Like the float kernel it reads from the first cache-line boundary on with many independent
+//! accumulators, compiled per instruction set: a roofline must not be slowed by line-straddling
+//! loads or by how the compiler happens to lay out a generic loop.
 
 use crate::accumulate::Partial;
+use crate::kernels::{isa, Isa};
 use crate::parallel;
 
 #[derive(Clone, Copy, Default)]
@@ -17,10 +22,43 @@ impl Partial for Xor {
     }
 }
 
-/// XOR of all 8-byte words of `words` (one vector instruction per 32-64 bytes: memory-bound).
+/// XOR of all 8-byte words of `words` (one vector instruction per 16-64 bytes: memory-bound).
 pub fn read_probe(words: &[u64]) -> u64 {
     parallel::reduce(words.len(), size_of::<u64>(), &|range| {
-        Xor(words[range].iter().fold(0, |acc, &word| acc ^ word))
+        Xor(xor_words(&words[range]))
     })
     .0
+}
+
+fn xor_words(words: &[u64]) -> u64 {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only after detecting avx512f and avx2.
+        Isa::Avx512 => unsafe { xor_words_avx512(words) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only after detecting avx2.
+        Isa::Avx2 => unsafe { xor_words_avx2(words) },
+        _ => xor_words_generic(words),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn xor_words_avx512(words: &[u64]) -> u64 {
+    xor_words_generic(words)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn xor_words_avx2(words: &[u64]) -> u64 {
+    xor_words_generic(words)
+}
+
+/// Words before the first 64-byte boundary, then the rest as one XOR fold, which LLVM's loop
+/// vectorizer unrolls over independent vector accumulators for the ISA at hand.
+#[inline(always)]
+fn xor_words_generic(words: &[u64]) -> u64 {
+    let (head, body) = words.split_at(words.as_ptr().align_offset(64).min(words.len()));
+    let xor = |words: &[u64]| words.iter().fold(0, |total, word| total ^ word);
+    xor(head) ^ xor(body)
 }

@@ -313,6 +313,39 @@ fn every_remainder_of_the_lane_width_and_fold_block() {
     }
 }
 
+/// The kernel's lanes start at the first cache-line-aligned element: every start offset within a
+/// line, with every remainder around a step and a fold block, stays within the accuracy bound,
+/// contiguous and as `x[::2]` / `x[::4]` spans.
+#[test]
+fn every_start_offset_within_a_cache_line() {
+    let lens = (0..=40).chain([255, 256, 257, 1023, 1024, 1025, 5003]);
+    for len in lens {
+        let buffer = random_f64(len * 4 + 16, len as u64 + 101);
+        let narrow: Vec<f32> = buffer.iter().map(|&x| x as f32).collect();
+        let half: Vec<f16> = buffer.iter().map(|&x| f16::from_f64(x)).collect();
+        let brain: Vec<bf16> = buffer.iter().map(|&x| bf16::from_f64(x)).collect();
+        for offset in 0..16 {
+            check(&buffer[offset..offset + len]);
+            check(&narrow[offset..offset + len]);
+            check(&half[offset..offset + len]);
+            check(&brain[offset..offset + len]);
+            for step in [2, 4] {
+                let view = StridedView::new(&buffer, offset, &[len], &[step as isize]).unwrap();
+                let addressed: Vec<f64> = buffer[offset..]
+                    .iter()
+                    .step_by(step)
+                    .take(len)
+                    .copied()
+                    .collect();
+                let (exact_abs, exact_squares) = exact_sums(&addressed);
+                let got = view.sums();
+                assert_close(got.sum_abs, exact_abs, 4.0, len, "strided abs");
+                assert_close(got.sum_squares, exact_squares, 4.0, len, "strided squares");
+            }
+        }
+    }
+}
+
 #[test]
 fn nan_and_infinity_propagate() {
     let mut values = random_f64(1000, 3);

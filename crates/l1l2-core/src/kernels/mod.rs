@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use half::f16;
 
-use crate::accumulate::{Compensated, ExactPartial, FloatPartial, U192};
+use crate::accumulate::{Compensated, ExactPartial, FloatPartial, Partial, U192};
 use crate::element::{Float, Magnitude};
 
 #[cfg(target_arch = "x86_64")]
@@ -61,9 +61,10 @@ fn detect_isa() -> Isa {
 /// `sum |x|` and `sum x^2` of the elements `run[0], run[step], run[2 * step], ..` (`step` divides
 /// `LANES`), on the best instruction set of this CPU.
 ///
-/// The kernel puts element `i` in lane `i % LANES`, so with `step` dividing `LANES` the wanted
-/// elements are exactly those of lanes `0, step, 2 * step, ..`: the kernel reads the whole run at
-/// full vector speed and the other lanes are dropped at the end. For `x[::2]` that costs twice the
+/// The kernel puts the elements from the run's first cache-line-aligned one on into lanes in
+/// turn, so with `step` dividing `LANES` the wanted elements are exactly those of every `step`-th
+/// lane: the kernel reads the whole run at full vector speed and the other lanes are dropped at the
+/// end. For `x[::2]` that costs twice the
 /// work per element of a contiguous run, far less than gathering element by element.
 #[inline]
 pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
@@ -95,11 +96,49 @@ pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
 /// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
 /// with that wrapper's target features. `FMA`: the ISA has fused multiply-add (used only where it
 /// gives the same bits as multiply-then-add, see `Float::EXACT_SQUARES`).
+///
+/// The lanes start at the run's first step-aligned element (see `lead`): a vector load that spans
+/// two cache lines halves one core's streaming rate, and numpy puts large arrays 16 bytes past a
+/// line. The elements before it are added one by one, compensated. So the bits depend on the
+/// data and on its address modulo 64 bytes, never on threads or timing.
 #[inline(always)]
 pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(
     run: &[T],
     step: usize,
 ) -> FloatPartial {
+    let (head, body) = run.split_at(lead(run));
+    let mut total = FloatPartial::default();
+    for value in head.iter().step_by(step) {
+        let x = value.widen_abs();
+        total.abs.add(x);
+        total.squares.add(x * x);
+    }
+    // The body's element `j` is the run's `j + head.len()`: the wanted ones are in the lanes
+    // `first, first + step, ..`.
+    let first = (step - head.len() % step) % step;
+    total.merge(aligned_sums::<T, FMA>(body, step, first))
+}
+
+/// How many leading elements of `run` come before its first step-aligned address (at most
+/// `run.len()`, less than `LANES`). f32 and f64 steps align to a 64-byte line, narrower steps to
+/// their own size.
+#[inline(always)]
+fn lead<T>(run: &[T]) -> usize {
+    let align = (LANES * size_of::<T>()).min(64);
+    // `usize::MAX` when no offset aligns the pointer: then the lanes start at the first element.
+    let lead = run.as_ptr().align_offset(align);
+    if lead < LANES {
+        lead.min(run.len())
+    } else {
+        0
+    }
+}
+
+/// `LANES` plain f64 sums per quantity, element `j` in lane `j % LANES`, folded into compensated
+/// per-lane totals every `STEPS_PER_FOLD` steps and combined as a tree; only the lanes
+/// `first, first + step, ..` count.
+#[inline(always)]
+fn aligned_sums<T: Float, const FMA: bool>(run: &[T], step: usize, first: usize) -> FloatPartial {
     let mut abs_total = [Compensated::default(); LANES];
     let mut squares_total = [Compensated::default(); LANES];
     let fold = |abs: &[f64; LANES],
@@ -131,7 +170,7 @@ pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(
     }
     fold(&abs, &squares, &mut abs_total, &mut squares_total);
 
-    combine_lanes(abs_total, squares_total, step)
+    combine_lanes(abs_total, squares_total, step, first)
 }
 
 /// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
@@ -160,15 +199,16 @@ fn square_add<T: Float, const FMA: bool>(x: f64, acc: f64) -> f64 {
     }
 }
 
-/// Pairwise (tree) combination of the lanes, in a fixed order.
+/// Pairwise (tree) combination of the lanes `first, first + step, ..`, in a fixed order.
 #[inline(always)]
 fn combine_lanes(
     mut abs: [Compensated; LANES],
     mut squares: [Compensated; LANES],
     step: usize,
+    first: usize,
 ) -> FloatPartial {
-    debug_assert!(step > 0 && LANES % step == 0);
-    for lane in (0..LANES).filter(|lane| lane % step != 0) {
+    debug_assert!(step > 0 && LANES % step == 0 && first < step);
+    for lane in (0..LANES).filter(|lane| lane % step != first) {
         abs[lane] = Compensated::default();
         squares[lane] = Compensated::default();
     }

@@ -32,7 +32,7 @@ pub(super) fn f16_sums_avx2(run: &[f16], step: usize) -> FloatPartial {
 
 /// An f16 that the kernel widens with F16C, 8 values per `vcvtph2ps`. Private to this module and
 /// only used by the two wrappers above, which are compiled with F16C enabled.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct F16c(f16);
 
