@@ -45,8 +45,10 @@ pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 const SPLIT_DEPTH: u32 = 7;
 const MAX_PIECES: usize = 1 << SPLIT_DEPTH;
 
-/// How long the caller spins for the workers' last pieces before it blocks.
-const SPIN: Duration = Duration::from_micros(200);
+/// How long the caller waits for the workers' last pieces before it blocks: spinning at first,
+/// then yielding its CPU (see `spread`).
+const SPIN: Duration = Duration::from_micros(5);
+const WAIT: Duration = Duration::from_micros(200);
 
 /// Reduces `0..len` with `leaf` over chunks, in parallel when that pays, always along the same
 /// tree. `element_size` (bytes) sizes the work for the parallel threshold.
@@ -160,9 +162,16 @@ fn spread(work: &(impl Fn() + Sync)) {
             });
         }
         work();
-        let deadline = Instant::now() + SPIN;
-        while returned.load(Ordering::Acquire) < helpers && Instant::now() < deadline {
-            std::hint::spin_loop();
+        // Blocking would cost a wake-up of its own (about 10 us on a VM). But a worker the OS
+        // woke onto this CPU runs only when this thread lets it: spinning the whole time stalled
+        // such calls for the full 200 us, so the wait yields after a short spin.
+        let start = Instant::now();
+        while returned.load(Ordering::Acquire) < helpers {
+            match start.elapsed() {
+                waited if waited < SPIN => std::hint::spin_loop(),
+                waited if waited < WAIT => std::thread::yield_now(),
+                _ => break,
+            }
         }
     });
 }
