@@ -19,6 +19,7 @@ from conftest import (
     penalty_ulps,
     sum_ulps,
 )
+from l1l2_rs._arrays import coerce
 
 ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES + [np.bool_]
 
@@ -196,6 +197,31 @@ def test_byte_swapped_and_unaligned_arrays() -> None:
     unaligned[:] = np.arange(10)
     assert not unaligned.flags.aligned
     assert l1l2_rs.sums(unaligned) == (45.0, 285.0)
+
+
+def _on_cache_line(values: np.ndarray) -> np.ndarray:
+    raw = np.empty(values.nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    placed = raw[start : start + values.nbytes].view(values.dtype)
+    placed[:] = values
+    return placed
+
+
+def test_converted_inputs_give_the_same_bits_on_every_call(rng: np.random.Generator) -> None:
+    # The bits depend on the data's address modulo 64 bytes. Inputs converted afresh on every call
+    # (lists, byte-swapped copies) are placed on a line, whatever the allocator returns: the same
+    # bits as the values on a line, call after call, with other allocations in between.
+    values = rng.standard_normal(1001) * 10.0 ** rng.integers(-8, 8, 1001)
+    expected = l1l2_rs.sums(_on_cache_line(values))
+    as_list = values.tolist()
+    swapped = values.astype(">f8")
+    padding = []
+    for size in rng.integers(1, 3000, 40):
+        padding.append(np.empty(int(size), dtype=np.uint8))
+        assert l1l2_rs.sums(as_list) == expected
+        assert l1l2_rs.sums(swapped) == expected
+        for converted in (as_list[: int(size)], swapped[: int(size)], float(size)):
+            assert coerce(converted).ctypes.data % 64 == 0
 
 
 @pytest.mark.parametrize(

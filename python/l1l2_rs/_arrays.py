@@ -5,6 +5,11 @@ integer, bool) in native byte order and aligned, without copying. Anything else 
 array-likes are converted with ``numpy.asarray`` (zero-copy for the buffer protocol and
 ``__array__`` where the producer allows it), DLPack producers with ``numpy.from_dlpack``;
 byte-swapped and unaligned arrays are copied once, since no kernel can read them in place.
+
+An array made here, rather than a view of the caller's memory, is placed on a 64-byte boundary:
+the kernel's lanes start at the first cache-line-aligned element, so the bits of a result depend
+on the data's address modulo 64 bytes, and a list converted afresh on every call must give the
+same bits on every call.
 """
 
 from __future__ import annotations
@@ -38,4 +43,17 @@ def coerce(x: object) -> np.ndarray[Any, np.dtype[Any]]:
         array = array.astype(dtype.newbyteorder("="))
     if not array.flags.aligned or any(s % dtype.itemsize for s in array.strides):
         array = array.copy()
+    if array is not x and array.flags.owndata:
+        array = _on_cache_line(array)
     return array
+
+
+def _on_cache_line(array: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.dtype[Any]]:
+    """A C-contiguous copy of ``array`` starting on a 64-byte boundary (``array`` if it does)."""
+    if array.ctypes.data % 64 == 0 and array.flags.c_contiguous:
+        return array
+    raw = np.empty(array.nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    placed = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    placed[...] = array
+    return placed
