@@ -53,7 +53,8 @@ def _on_cache_line(array: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.
     if array.ctypes.data % 64 == 0 and array.flags.c_contiguous:
         return array
     raw = np.empty(array.nbytes + 64, dtype=np.uint8)
-    start = -raw.ctypes.data % 64
-    placed = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    start: int = -raw.ctypes.data % 64
+    placed: np.ndarray[Any, np.dtype[Any]] = raw[start : start + array.nbytes].view(array.dtype)
+    placed = placed.reshape(array.shape)
     placed[...] = array
     return placed
