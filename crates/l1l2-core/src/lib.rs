@@ -8,6 +8,9 @@
 //!   compensated lane sums, so the relative error stays within a few ulp at any length. Integer and
 //!   bool inputs are summed exactly and rounded once. A narrow input never overflows the sum.
 //! * **Deterministic**: the same input gives the same bits for any thread count and on every call.
+//!   "Same input" includes the data's address modulo 64 bytes: the kernel reads from cache-line
+//!   boundaries, so a copy at another offset can differ in the last bits (within the accuracy
+//!   bounds).
 //! * **In place**: strided views (negative, zero or arbitrary strides) are reduced without a copy.
 //!
 //! ```
