@@ -9,9 +9,9 @@ calls each candidate once (many calls per sample for small sizes), so that frequ
 noisy neighbours hit every candidate alike; the figure is the median over the rounds.
 
 Roofline: ``l1l2_rs._l1l2_rs._read_probe(x)`` XORs every 8-byte word of the buffer through the same
-call path, chunking and thread pool as the penalty. XOR costs one vector instruction per 16-64 bytes (compiled per ISA like the kernels, and read
-from the first 64-byte boundary on),
-so the probe runs at what the memory (or cache) delivers to these threads plus one extension call:
+call path, chunking and thread pool as the penalty. XOR costs one vector instruction per 16-64 bytes
+(compiled per ISA like the kernels, and read from the first 64-byte boundary on), so the probe runs
+at what the memory (or cache) delivers to these threads plus one extension call:
 no one-pass penalty in an extension can be faster. "x roofline" is time / probe time.
 
 BLAS: the run holds BLAS (numpy's dot) to one thread with threadpoolctl. OpenBLAS' idle threads
