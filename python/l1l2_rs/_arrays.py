@@ -39,22 +39,26 @@ def coerce(x: object) -> np.ndarray[Any, np.dtype[Any]]:
         raise TypeError(
             f"l1l2_rs: unsupported dtype {dtype} of the input array (expected {_SUPPORTED})"
         )
-    if not dtype.isnative:
-        array = array.astype(dtype.newbyteorder("="))
-    if not array.flags.aligned or any(s % dtype.itemsize for s in array.strides):
-        array = array.copy()
-    if array is not x and array.flags.owndata:
-        array = _on_cache_line(array)
+    readable = (
+        dtype.isnative
+        and array.flags.aligned
+        and not any(s % dtype.itemsize for s in array.strides)
+    )
+    if not readable or (array is not x and array.flags.owndata):
+        array = _on_cache_line(array, dtype.newbyteorder("="))
     return array
 
 
-def _on_cache_line(array: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.dtype[Any]]:
-    """A C-contiguous copy of ``array`` starting on a 64-byte boundary (``array`` if it does)."""
-    if array.ctypes.data % 64 == 0 and array.flags.c_contiguous:
+def _on_cache_line(
+    array: np.ndarray[Any, np.dtype[Any]], dtype: np.dtype[Any]
+) -> np.ndarray[Any, np.dtype[Any]]:
+    """``array`` as ``dtype``, C-contiguous from a 64-byte boundary (itself if it is already)."""
+    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
         return array
-    raw = np.empty(array.nbytes + 64, dtype=np.uint8)
+    nbytes = array.size * dtype.itemsize
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
     start: int = -raw.ctypes.data % 64
-    placed: np.ndarray[Any, np.dtype[Any]] = raw[start : start + array.nbytes].view(array.dtype)
+    placed: np.ndarray[Any, np.dtype[Any]] = raw[start : start + nbytes].view(dtype)
     placed = placed.reshape(array.shape)
     placed[...] = array
     return placed

@@ -61,10 +61,9 @@ fn detect_isa() -> Isa {
 /// `sum |x|` and `sum x^2` of the elements `run[0], run[step], run[2 * step], ..` (`step` divides
 /// `LANES`), on the best instruction set of this CPU.
 ///
-/// The kernel puts the elements from the run's first cache-line-aligned one on into lanes in
-/// turn, so with `step` dividing `LANES` the wanted elements are exactly those of every `step`-th
-/// lane: the kernel reads the whole run at full vector speed and the other lanes are dropped at the
-/// end. For `x[::2]` that costs twice the
+/// The kernel puts consecutive elements into consecutive lanes, so with `step` dividing `LANES`
+/// the wanted elements are exactly those of every `step`-th lane: the kernel reads the whole run at
+/// full vector speed and the other lanes are dropped at the end. For `x[::2]` that costs twice the
 /// work per element of a contiguous run, far less than gathering element by element.
 #[inline]
 pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
