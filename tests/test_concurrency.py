@@ -57,9 +57,12 @@ def test_bit_identical_for_1_2_3_8_threads() -> None:
 
 
 def test_bit_identical_across_instruction_sets() -> None:
-    """The baseline kernel adds the same numbers in the same order as the AVX2/AVX-512 one."""
-    forced = run_with_env(L1L2_NUM_THREADS="2", L1L2_FORCE_BASELINE="1")
+    """Every kernel adds the same numbers in the same order as the one the CPU picks."""
     detected = run_with_env(L1L2_NUM_THREADS="2")
+    for cap in ("avx2", "baseline"):
+        forced = run_with_env(L1L2_NUM_THREADS="2", L1L2_MAX_ISA=cap)
+        assert forced["results"] == detected["results"], cap
+    forced = run_with_env(L1L2_NUM_THREADS="2", L1L2_FORCE_BASELINE="1")
     assert forced["results"] == detected["results"]
 
 

@@ -39,22 +39,28 @@ pub fn isa() -> Isa {
     *ISA.get_or_init(detect_isa)
 }
 
+/// The best ISA the CPU has, capped by `L1L2_MAX_ISA` (`avx2` or `baseline`; other values are
+/// ignored) or `L1L2_FORCE_BASELINE`, so that tests can run every kernel on one machine.
 fn detect_isa() -> Isa {
+    let cap = match std::env::var("L1L2_MAX_ISA").as_deref() {
+        _ if std::env::var_os("L1L2_FORCE_BASELINE").is_some() => Isa::Baseline,
+        Ok("baseline") => Isa::Baseline,
+        Ok("avx2") => Isa::Avx2,
+        _ => Isa::Avx512,
+    };
     #[cfg(target_arch = "x86_64")]
     {
-        if std::env::var_os("L1L2_FORCE_BASELINE").is_some() {
-            return Isa::Baseline;
-        }
         let avx2 = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c");
-        if avx2 && is_x86_feature_detected!("avx512f") {
+        if avx2 && is_x86_feature_detected!("avx512f") && cap == Isa::Avx512 {
             return Isa::Avx512;
         }
-        if avx2 {
+        if avx2 && cap != Isa::Baseline {
             return Isa::Avx2;
         }
     }
+    let _ = cap; // only x86-64 has ISAs to cap
     Isa::Baseline
 }
 
