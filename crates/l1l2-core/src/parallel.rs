@@ -10,8 +10,8 @@
 //!
 //! The calling thread works too (a pool of `n - 1` workers serves `n` threads), so a call never
 //! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
-//! left. When its pieces are done, the caller spins briefly for the workers instead of sleeping,
-//! which spares it a wake-up of its own (on virtual machines, ~10 us).
+//! left. When its pieces are done, the caller waits for the workers without sleeping (a short
+//! spin, then yielding its CPU), which spares it a wake-up of its own (on virtual machines, ~10 us).
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
