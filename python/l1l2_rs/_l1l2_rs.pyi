@@ -7,20 +7,52 @@ import numpy as np
 __all__ = [
     "CHUNK_LEN",
     "PARALLEL_MIN_BYTES",
+    "NotReadable",
     "_read_probe",
     "get_num_threads",
     "penalty",
+    "penalty_many",
+    "prox_",
+    "prox_many_",
     "set_num_threads",
     "simd_isa",
     "sums",
+    "sums_many",
+    "value_and_grad",
+    "value_and_grad_many",
 ]
 
 CHUNK_LEN: Final[int]
 PARALLEL_MIN_BYTES: Final[int]
 
+class NotReadable(TypeError):
+    """The input is not a numpy array the core reads in place: convert it and call again."""
+
+_Array = np.ndarray[Any, np.dtype[Any]]
+
 def sums(x: object) -> tuple[float, float]: ...
 def penalty(x: object, l1: float | None, l2: float | None) -> np.generic: ...
+def value_and_grad(
+    x: object,
+    l1: float | None,
+    l2: float | None,
+    out: object | None = None,
+    accumulate: bool = False,
+    scale: float = 1.0,
+) -> tuple[np.generic, Any]: ...
+def prox_(x: object, lr: float, l1: float | None, l2: float | None) -> Any: ...
+def sums_many(xs: object) -> list[tuple[float, float]]: ...
+def penalty_many(xs: object, l1: float | None, l2: float | None) -> float: ...
+def value_and_grad_many(
+    xs: object,
+    l1: float | None,
+    l2: float | None,
+    outs: object | None = None,
+    accumulate: bool = False,
+    scale: float = 1.0,
+) -> tuple[float, list[Any]]: ...
+def prox_many_(xs: object, lr: float, l1: float | None, l2: float | None) -> Any: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_isa() -> str: ...
-def _read_probe(array: np.ndarray[Any, np.dtype[Any]]) -> int: ...
+def _read_probe(array: _Array) -> int: ...

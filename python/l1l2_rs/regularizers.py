@@ -17,7 +17,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import _l1l2_rs
+from ._arrays import call, call_many, coerce
+from ._l1l2_rs import NotReadable
 from ._l1l2_rs import penalty as _native_penalty
+from ._l1l2_rs import value_and_grad as _native_value_and_grad
 
 __all__ = [
     "L1",
@@ -26,13 +29,20 @@ __all__ = [
     "Regularizer",
     "deserialize",
     "get",
+    "grad",
     "l1",
     "l1_l2",
     "l2",
     "penalty",
+    "penalty_many",
+    "prox_",
+    "prox_many_",
     "register_regularizer",
     "serialize",
     "sums",
+    "sums_many",
+    "value_and_grad",
+    "value_and_grad_many",
 ]
 
 #: What every regularizer call returns: a numpy scalar of the input's float dtype (float64 for
@@ -97,10 +107,54 @@ _R = TypeVar("_R", bound=Regularizer)
 
 
 class _Builtin(Regularizer):
-    """Value semantics shared by the built-in regularizers: repr, equality and hash by config."""
+    """What the built-in regularizers share: the training ops with the object's terms, and value
+    semantics (repr, equality and hash by config).
+
+    ``_terms()`` gives the factors of the terms present (``None`` leaves a term out): the penalty,
+    its gradient and the prox step all follow it, so ``L1(0)`` keeps its term (NaN shows) and
+    ``L1L2(0.1, 0)`` has no L2 term at all.
+    """
 
     def get_config(self) -> dict[str, float]:
         raise NotImplementedError  # pragma: no cover - every built-in overrides it
+
+    def _terms(self) -> tuple[float | None, float | None]:
+        raise NotImplementedError  # pragma: no cover - every built-in overrides it
+
+    def __call__(self, x: Any) -> Penalty:
+        l1, l2 = self._terms()
+        try:  # inlined `call`: this is the small-call path
+            return _native_penalty(x, l1, l2)
+        except NotReadable:
+            return _native_penalty(coerce(x), l1, l2)
+
+    def grad(self, x: Any, *, out: Any = None) -> Any:
+        """The gradient of the penalty at ``x``, written into ``out`` (a new array when None)."""
+        return self.value_and_grad(x, out=out)[1]
+
+    def value_and_grad(
+        self, x: Any, *, out: Any = None, accumulate: bool = False, scale: float = 1.0
+    ) -> tuple[Penalty, Any]:
+        """``(self(x), gradient)`` in one pass; see ``l1l2_rs.value_and_grad``."""
+        return call(_native_value_and_grad, x, *self._terms(), out, accumulate, scale)
+
+    def prox_(self, x: Any, lr: float) -> Any:
+        """The proximal step of ``lr * self`` on ``x``, in place; returns ``x``."""
+        return _l1l2_rs.prox_(x, lr, *self._terms())
+
+    def penalty_many(self, xs: Any) -> float:
+        """The float64 sum, in list order, of ``self(x)`` for every ``x`` of ``xs``."""
+        return call_many(_l1l2_rs.penalty_many, xs, *self._terms())
+
+    def value_and_grad_many(
+        self, xs: Any, *, outs: Any = None, accumulate: bool = False, scale: float = 1.0
+    ) -> tuple[float, list[Any]]:
+        """``value_and_grad`` of every ``x`` of ``xs`` in one call: ``(total, gradients)``."""
+        return call_many(_l1l2_rs.value_and_grad_many, xs, *self._terms(), outs, accumulate, scale)
+
+    def prox_many_(self, xs: Any, lr: float) -> Any:
+        """``prox_`` of every array of ``xs`` in one call; returns ``xs``."""
+        return _l1l2_rs.prox_many_(xs, lr, *self._terms())
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
@@ -136,8 +190,8 @@ class L1(_Builtin):
     def __init__(self, l1: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
         self.l1 = _factor("l1", _legacy_l("L1", "l1", l1, l), 0.01)
 
-    def __call__(self, x: Any) -> Penalty:
-        return _native_penalty(x, self.l1, None)
+    def _terms(self) -> tuple[float | None, float | None]:
+        return self.l1, None
 
     def get_config(self) -> dict[str, float]:
         return {"l1": self.l1}
@@ -149,8 +203,8 @@ class L2(_Builtin):
     def __init__(self, l2: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
         self.l2 = _factor("l2", _legacy_l("L2", "l2", l2, l), 0.01)
 
-    def __call__(self, x: Any) -> Penalty:
-        return _native_penalty(x, None, self.l2)
+    def _terms(self) -> tuple[float | None, float | None]:
+        return None, self.l2
 
     def get_config(self) -> dict[str, float]:
         return {"l2": self.l2}
@@ -163,8 +217,8 @@ class L1L2(_Builtin):
         self.l1 = _factor("l1", l1, 0.0)
         self.l2 = _factor("l2", l2, 0.0)
 
-    def __call__(self, x: Any) -> Penalty:
-        return _native_penalty(x, self.l1 or None, self.l2 or None)
+    def _terms(self) -> tuple[float | None, float | None]:
+        return self.l1 or None, self.l2 or None
 
     def get_config(self) -> dict[str, float]:
         return {"l1": self.l1, "l2": self.l2}
@@ -182,16 +236,87 @@ def l1_l2(l1: float | None = 0.01, l2: float | None = 0.01) -> L1L2:
     )
 
 
+def _l1l2_terms(l1: object, l2: object) -> tuple[float | None, float | None]:
+    """The terms of ``L1L2(l1, l2)``: a zero factor drops its term."""
+    return _factor("l1", l1, 0.0) or None, _factor("l2", l2, 0.0) or None
+
+
 def penalty(x: Any, l1: float | None = 0.0, l2: float | None = 0.0) -> Penalty:
     """``L1L2(l1, l2)(x)`` without building an object: a numpy scalar of ``x``'s float dtype."""
-    factor1 = _factor("l1", l1, 0.0)
-    factor2 = _factor("l2", l2, 0.0)
-    return _l1l2_rs.penalty(x, factor1 or None, factor2 or None)
+    return call(_native_penalty, x, *_l1l2_terms(l1, l2))
 
 
 def sums(x: Any) -> tuple[float, float]:
     """``(sum(|x|), sum(x**2))`` as Python floats, computed in float64 in one pass."""
-    return _l1l2_rs.sums(x)
+    return call(_l1l2_rs.sums, x)
+
+
+def value_and_grad(
+    x: Any,
+    l1: float | None = 0.0,
+    l2: float | None = 0.0,
+    *,
+    out: Any = None,
+    accumulate: bool = False,
+    scale: float = 1.0,
+) -> tuple[Penalty, Any]:
+    """The penalty of ``L1L2(l1, l2)`` at ``x`` and its gradient, in one pass over ``x``.
+
+    The gradient ``l1 * sign(x) + 2 * l2 * x`` (``sign(0) = 0``, as in PyTorch and TensorFlow) is
+    written into ``out`` (a new array like ``x`` when None), or with ``accumulate=True`` added to
+    it: ``out += scale * gradient``. ``scale`` multiplies the gradient only. The penalty has the
+    bits of ``penalty(x, l1, l2)``. ``out`` must have ``x``'s dtype and shape and must not share
+    memory with ``x``.
+    """
+    return call(_native_value_and_grad, x, *_l1l2_terms(l1, l2), out, accumulate, scale)
+
+
+def grad(x: Any, l1: float | None = 0.0, l2: float | None = 0.0, *, out: Any = None) -> Any:
+    """The gradient of ``L1L2(l1, l2)`` at ``x``; see ``value_and_grad``."""
+    return value_and_grad(x, l1, l2, out=out)[1]
+
+
+def prox_(x: Any, lr: float, l1: float | None = 0.0, l2: float | None = 0.0) -> Any:
+    """The proximal step of ``lr * L1L2(l1, l2)``, in place; returns ``x``.
+
+    ``x <- sign(x) * max(|x| - lr * l1, 0) / (1 + 2 * lr * l2)``: soft-thresholding, then
+    shrinkage. ``x`` must be a writeable float numpy array; ``lr`` finite and >= 0.
+    """
+    return _l1l2_rs.prox_(x, lr, *_l1l2_terms(l1, l2))
+
+
+def sums_many(xs: Any) -> list[tuple[float, float]]:
+    """``sums(x)`` of every array of ``xs``, in one call (each with the bits of the single call)."""
+    return call_many(_l1l2_rs.sums_many, xs)
+
+
+def penalty_many(xs: Any, l1: float | None = 0.0, l2: float | None = 0.0) -> float:
+    """The float64 sum, in list order, of ``penalty(x, l1, l2)`` for every ``x`` of ``xs``."""
+    return call_many(_l1l2_rs.penalty_many, xs, *_l1l2_terms(l1, l2))
+
+
+def value_and_grad_many(
+    xs: Any,
+    l1: float | None = 0.0,
+    l2: float | None = 0.0,
+    *,
+    outs: Any = None,
+    accumulate: bool = False,
+    scale: float = 1.0,
+) -> tuple[float, list[Any]]:
+    """``value_and_grad`` of every array of ``xs`` in one call: ``(total, gradients)``.
+
+    ``total`` is as ``penalty_many``; each gradient has the bits of the single call. Every
+    argument is checked before anything is written.
+    """
+    return call_many(
+        _l1l2_rs.value_and_grad_many, xs, *_l1l2_terms(l1, l2), outs, accumulate, scale
+    )
+
+
+def prox_many_(xs: Any, lr: float, l1: float | None = 0.0, l2: float | None = 0.0) -> Any:
+    """``prox_`` of every array of ``xs`` in one call; returns ``xs``."""
+    return _l1l2_rs.prox_many_(xs, lr, *_l1l2_terms(l1, l2))
 
 
 # ---------------------------------------------------------------------------------------------

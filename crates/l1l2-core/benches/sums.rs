@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use l1l2_core::{bf16, f16, sums, Element, StridedView};
+use l1l2_core::{bf16, f16, sums, ArrayView, Element};
 
 fn data<T: Element>(len: usize, convert: impl Fn(f64) -> T) -> Vec<T> {
     let mut state = 42u64;
@@ -26,7 +26,7 @@ fn bench_dtype<T: Element>(c: &mut Criterion, name: &str, convert: impl Fn(f64) 
         group.bench_with_input(BenchmarkId::new("contiguous", len), &values, |b, v| {
             b.iter(|| sums(black_box(v)))
         });
-        let strided = StridedView::new(&values, 0, &[len / 2], &[2]).unwrap();
+        let strided = ArrayView::new(&values, 0, &[len / 2], &[2]).unwrap();
         group.bench_with_input(BenchmarkId::new("every_other", len), &strided, |b, v| {
             b.iter(|| black_box(v).sums())
         });

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use l1l2_core::{penalty, sums, StridedView};
+use l1l2_core::{penalty, sums, ArrayView};
 
 fn main() {
     let per_layer: usize = std::env::args()
@@ -42,7 +42,7 @@ fn main() {
 
     // A strided view: every other column of the first layer seen as a matrix of 1000 columns.
     let rows = per_layer / 1000;
-    let view = StridedView::new(&layers[0], 0, &[rows, 500], &[1000, 2]).expect("in bounds");
+    let view = ArrayView::new(&layers[0], 0, &[rows, 500], &[1000, 2]).expect("in bounds");
     let s = view.sums();
     println!(
         "every other column of layer 0: sum|w| = {:.6}, sum w^2 = {:.6}",

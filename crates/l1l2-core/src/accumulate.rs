@@ -136,6 +136,60 @@ impl Partial for ExactPartial {
     }
 }
 
+/// The partial of a tensor of any dtype: what the dtype-erased engine merges.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum AnyPartial {
+    /// Nothing read yet (the merge identity).
+    #[default]
+    Empty,
+    /// Of a float input.
+    Float(FloatPartial),
+    /// Of an integer or bool input.
+    Exact(ExactPartial),
+}
+
+impl From<FloatPartial> for AnyPartial {
+    fn from(partial: FloatPartial) -> Self {
+        Self::Float(partial)
+    }
+}
+
+impl From<ExactPartial> for AnyPartial {
+    fn from(partial: ExactPartial) -> Self {
+        Self::Exact(partial)
+    }
+}
+
+impl Partial for AnyPartial {
+    #[inline]
+    fn merge(self, other: Self) -> Self {
+        match (self, other) {
+            (Self::Empty, other) => other,
+            (this, Self::Empty) => this,
+            (Self::Float(a), Self::Float(b)) => Self::Float(a.merge(b)),
+            (Self::Exact(a), Self::Exact(b)) => Self::Exact(a.merge(b)),
+            // One tensor has one dtype: its pieces are all of one kind.
+            _ => unreachable!("merging partials of different dtypes"),
+        }
+    }
+
+    fn finish(self) -> (f64, f64) {
+        match self {
+            Self::Empty => (0.0, 0.0),
+            Self::Float(partial) => partial.finish(),
+            Self::Exact(partial) => partial.finish(),
+        }
+    }
+}
+
+/// The "partial" of an op that only writes (the prox step).
+impl Partial for () {
+    fn merge(self, _other: Self) -> Self {}
+    fn finish(self) -> (f64, f64) {
+        (0.0, 0.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

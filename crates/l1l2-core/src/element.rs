@@ -1,28 +1,81 @@
-//! The element types the library reduces, and what each one needs: how to reduce one contiguous
-//! run, and how its result is rounded.
+//! The element types the library reads, and what each one needs: how to reduce one contiguous
+//! run, how its result is rounded, and for floats how a gradient or prox value is written back.
 
 use half::{bf16, f16};
 
-use crate::accumulate::{ExactPartial, FloatPartial, Partial};
-use crate::kernels::{self, LANES};
+use crate::accumulate::{AnyPartial, ExactPartial, FloatPartial, Partial};
+use crate::dtype::{BoolByte, DType};
+use crate::kernels::{self, RunSink, Target, LANES};
 
 mod sealed {
     pub trait Sealed {}
 }
 
-/// An element type `sums` accepts: `f16`, `bf16`, `f32`, `f64`, every signed and unsigned integer
-/// up to 64 bits, and `bool`.
+/// A Rust type whose slices the library reads: `f16`, `bf16`, `f32`, `f64`, every signed and
+/// unsigned integer up to 64 bits, and `bool`.
+pub trait Element: Copy + Send + Sync + sealed::Sealed + 'static {
+    /// The [`DType`] of a view of this type.
+    const DTYPE: DType;
+}
+
+macro_rules! impl_element {
+    ($($ty:ty => $dtype:ident),* $(,)?) => {$(
+        impl sealed::Sealed for $ty {}
+        impl Element for $ty {
+            const DTYPE: DType = DType::$dtype;
+        }
+    )*};
+}
+
+impl_element!(
+    f16 => F16, bf16 => BF16, f32 => F32, f64 => F64,
+    i8 => I8, i16 => I16, i32 => I32, i64 => I64,
+    u8 => U8, u16 => U16, u32 => U32, u64 => U64,
+    bool => Bool,
+);
+
+/// Plain data: every bit pattern of `size_of::<Self>()` bytes is a valid value and the type has no
+/// padding, so a buffer of bytes may be read (and written) as a slice of it.
 ///
-/// Floats accumulate in f64 (f64 input with compensation); integers and bools are summed exactly
-/// and rounded once to f64.
-pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
-    #[doc(hidden)]
-    type Partial: Partial;
+/// # Safety
+/// Implement only for such types.
+pub(crate) unsafe trait Pod: Copy + Default + Send + Sync + 'static {}
+
+// SAFETY: IEEE floats, bfloat16 (u16 bits), integers and a one-byte wrapper of u8 accept every bit
+// pattern and have no padding.
+unsafe impl Pod for f16 {}
+// SAFETY: as above.
+unsafe impl Pod for bf16 {}
+// SAFETY: as above.
+unsafe impl Pod for f32 {}
+// SAFETY: as above.
+unsafe impl Pod for f64 {}
+// SAFETY: as above.
+unsafe impl Pod for i8 {}
+// SAFETY: as above.
+unsafe impl Pod for i16 {}
+// SAFETY: as above.
+unsafe impl Pod for i32 {}
+// SAFETY: as above.
+unsafe impl Pod for i64 {}
+// SAFETY: as above.
+unsafe impl Pod for u8 {}
+// SAFETY: as above.
+unsafe impl Pod for u16 {}
+// SAFETY: as above.
+unsafe impl Pod for u32 {}
+// SAFETY: as above.
+unsafe impl Pod for u64 {}
+// SAFETY: as above (`BoolByte` is `repr(transparent)` over u8).
+unsafe impl Pod for BoolByte {}
+
+/// How the type a [`DType`] dispatches to is reduced. (Bool is read as [`BoolByte`].)
+pub(crate) trait Reduce: Pod {
+    type Partial: Partial + Into<AnyPartial>;
 
     /// The partial sums of `run[0], run[step], run[2 * step], ..`; `step` divides the kernel's
-    /// lane count (see `kernels::float_sums`).
-    #[doc(hidden)]
-    fn reduce_run(run: &[Self], step: usize) -> Self::Partial;
+    /// lane count (see `kernels::float_sums`). `sink` sees every element of `run` once.
+    fn reduce_run<S: RunSink<Self>>(run: &[Self], step: usize, sink: &mut S) -> Self::Partial;
 
     /// Rounds an f64 result to the precision of the type a caller reports results in (Keras returns
     /// the input's float dtype; integer and bool inputs report float64). Correctly rounded, once.
@@ -30,7 +83,7 @@ pub trait Element: Copy + Default + Send + Sync + sealed::Sealed + 'static {
 }
 
 /// Float elements widen to f64 inside the SIMD kernel.
-pub(crate) trait Float: Copy + Default + Send + Sync + 'static {
+pub(crate) trait Float: Pod {
     /// Lane sums run uncompensated for this many steps before folding into the compensated total:
     /// short for f64 (whose squares are inexact and whose precision is the output's), long for
     /// narrower inputs (f64 accumulation has 29+ bits to spare over their output precision).
@@ -40,13 +93,25 @@ pub(crate) trait Float: Copy + Default + Send + Sync + 'static {
     /// multiply-add gives the same bits as a multiply and an add, and the kernel may use it.
     const EXACT_SQUARES: bool;
 
-    /// `|x|` as f64 (exact for every input type).
-    fn widen_abs(self) -> f64;
+    /// `x` as f64 (exact for every input type).
+    fn widen(self) -> f64;
 
-    /// `|x|` as f64 for one whole step of `LANES` values (`step.len() == LANES`). Types whose
-    /// widening has a vector instruction of its own override this.
+    /// `x` correctly rounded from f64 (round to nearest, ties to even; overflow to infinity).
+    fn narrow(value: f64) -> Self;
+
+    /// Writes the native-endian bytes of `self` at the start of `bytes`.
+    fn write_ne_bytes(self, bytes: &mut [u8; 8]);
+
+    /// `|x|` as f64 (exact for every input type).
     #[inline(always)]
-    fn widen_abs_step(step: &[Self]) -> [f64; LANES] {
+    fn widen_abs(self) -> f64 {
+        self.widen().abs()
+    }
+
+    /// `|x|` as f64 for one whole step of `LANES` values (`step.len() == LANES`), with the
+    /// instructions of `I`. Types whose widening has a vector instruction of its own override this.
+    #[inline(always)]
+    fn widen_abs_step<I: Target>(step: &[Self]) -> [f64; LANES] {
         let mut widened = [0.0; LANES];
         for (target, value) in widened.iter_mut().zip(step) {
             *target = value.widen_abs();
@@ -56,17 +121,37 @@ pub(crate) trait Float: Copy + Default + Send + Sync + 'static {
 }
 
 impl Float for f64 {
+    fn write_ne_bytes(self, bytes: &mut [u8; 8]) {
+        let raw = self.to_ne_bytes();
+        bytes[..raw.len()].copy_from_slice(&raw);
+    }
     const STEPS_PER_FOLD: usize = 4;
     const EXACT_SQUARES: bool = false;
     #[inline(always)]
-    fn widen_abs(self) -> f64 {
-        self.abs()
+    fn widen(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(value: f64) -> Self {
+        value
     }
 }
 
 impl Float for f32 {
+    fn write_ne_bytes(self, bytes: &mut [u8; 8]) {
+        let raw = self.to_ne_bytes();
+        bytes[..raw.len()].copy_from_slice(&raw);
+    }
     const STEPS_PER_FOLD: usize = 64;
     const EXACT_SQUARES: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        f64::from(self)
+    }
+    #[inline(always)]
+    fn narrow(value: f64) -> Self {
+        value as f32 // `as` rounds correctly
+    }
     #[inline(always)]
     fn widen_abs(self) -> f64 {
         f64::from(self.abs()) // abs on 8 f32 lanes, then widen: one vector op less than after
@@ -74,20 +159,55 @@ impl Float for f32 {
 }
 
 impl Float for f16 {
+    fn write_ne_bytes(self, bytes: &mut [u8; 8]) {
+        let raw = self.to_bits().to_ne_bytes();
+        bytes[..raw.len()].copy_from_slice(&raw);
+    }
     const STEPS_PER_FOLD: usize = 64;
     const EXACT_SQUARES: bool = true;
     #[inline(always)]
-    fn widen_abs(self) -> f64 {
-        self.to_f64().abs() // the baseline path; x86-64 CPUs with F16C use `kernels::x86_64::F16c`
+    fn widen(self) -> f64 {
+        self.to_f64()
+    }
+    #[inline(always)]
+    fn narrow(value: f64) -> Self {
+        f16::from_f64(round_f16(value)) // exact: the value is already representable
+    }
+    #[inline(always)]
+    fn widen_abs_step<I: Target>(step: &[Self]) -> [f64; LANES] {
+        #[cfg(target_arch = "x86_64")]
+        if I::F16C {
+            // SAFETY: a `Target` with F16C is only instantiated inside the F16C wrappers of
+            // `kernels::dispatch`, which run after detecting F16C.
+            return unsafe { kernels::x86_64::widen_abs_f16c(step) };
+        }
+        let mut widened = [0.0; LANES];
+        for (target, value) in widened.iter_mut().zip(step) {
+            *target = value.widen_abs();
+        }
+        widened
     }
 }
 
 impl Float for bf16 {
+    fn write_ne_bytes(self, bytes: &mut [u8; 8]) {
+        let raw = self.to_bits().to_ne_bytes();
+        bytes[..raw.len()].copy_from_slice(&raw);
+    }
     const STEPS_PER_FOLD: usize = 64;
     const EXACT_SQUARES: bool = true;
     #[inline(always)]
-    fn widen_abs(self) -> f64 {
+    fn widen(self) -> f64 {
         // bf16 is the top half of an f32.
+        f64::from(f32::from_bits(u32::from(self.to_bits()) << 16))
+    }
+    #[inline(always)]
+    fn narrow(value: f64) -> Self {
+        // Exact: the rounded value is a bf16, so its f32 has 16 zero low bits.
+        bf16::from_bits((((round_bf16(value) as f32).to_bits()) >> 16) as u16)
+    }
+    #[inline(always)]
+    fn widen_abs(self) -> f64 {
         f64::from(f32::from_bits(u32::from(self.to_bits() & 0x7fff) << 16))
     }
 }
@@ -111,41 +231,43 @@ fn round_to_format(value: f64, precision: i32, min_exp: i32, max_finite: f64) ->
     }
 }
 
-macro_rules! impl_float_element {
-    ($ty:ty, $reduce:path, $round:expr) => {
-        impl sealed::Sealed for $ty {}
-        impl Element for $ty {
+fn round_f16(value: f64) -> f64 {
+    round_to_format(value, 11, -14, 65504.0)
+}
+
+fn round_bf16(value: f64) -> f64 {
+    round_to_format(value, 8, -126, f64::from(f32::from_bits(0x7f7f_0000)))
+}
+
+macro_rules! impl_float_reduce {
+    ($($ty:ty => $round:expr),* $(,)?) => {$(
+        impl Reduce for $ty {
             type Partial = FloatPartial;
             #[inline]
-            fn reduce_run(run: &[Self], step: usize) -> FloatPartial {
-                $reduce(run, step)
+            fn reduce_run<S: RunSink<Self>>(run: &[Self], step: usize, sink: &mut S) -> FloatPartial {
+                kernels::float_sums(run, step, sink)
             }
             #[inline]
             fn round_result(value: f64) -> f64 {
                 $round(value)
             }
         }
-    };
+    )*};
 }
 
-impl_float_element!(f64, kernels::float_sums, |v| v);
-impl_float_element!(f32, kernels::float_sums, |v: f64| f64::from(v as f32)); // `as` rounds correctly
-impl_float_element!(f16, kernels::f16_sums, |v| round_to_format(
-    v, 11, -14, 65504.0
-));
-impl_float_element!(bf16, kernels::float_sums, |v| round_to_format(
-    v,
-    8,
-    -126,
-    f64::from(f32::from_bits(0x7f7f_0000))
-));
+impl_float_reduce!(
+    f64 => |v| v,
+    f32 => |v: f64| f64::from(v as f32), // `as` rounds correctly
+    f16 => round_f16,
+    bf16 => round_bf16,
+);
 
 /// `|x|` of an integer as u64 (exact, also for `i64::MIN`).
 pub(crate) trait Magnitude: Copy {
     fn magnitude(self) -> u64;
 }
 
-macro_rules! impl_integer_element {
+macro_rules! impl_integer_reduce {
     ($($ty:ty => |$x:ident| $magnitude:expr),* $(,)?) => {$(
         impl Magnitude for $ty {
             #[inline(always)]
@@ -154,11 +276,11 @@ macro_rules! impl_integer_element {
                 $magnitude
             }
         }
-        impl sealed::Sealed for $ty {}
-        impl Element for $ty {
+        impl Reduce for $ty {
             type Partial = ExactPartial;
             #[inline]
-            fn reduce_run(run: &[Self], step: usize) -> ExactPartial {
+            fn reduce_run<S: RunSink<Self>>(run: &[Self], step: usize, sink: &mut S) -> ExactPartial {
+                sink.visit(0, run);
                 kernels::exact_sums(run, step)
             }
             #[inline]
@@ -169,7 +291,7 @@ macro_rules! impl_integer_element {
     )*};
 }
 
-impl_integer_element!(
+impl_integer_reduce!(
     i8 => |x| u64::from(x.unsigned_abs()),
     i16 => |x| u64::from(x.unsigned_abs()),
     i32 => |x| u64::from(x.unsigned_abs()),
@@ -178,7 +300,7 @@ impl_integer_element!(
     u16 => |x| u64::from(x),
     u32 => |x| u64::from(x),
     u64 => |x| x,
-    bool => |x| u64::from(x),
+    BoolByte => |x| u64::from(x.0 != 0),
 );
 
 #[cfg(test)]
@@ -221,7 +343,7 @@ mod tests {
             1.999_999_999_9,
         ];
         for v in cases {
-            assert_eq!(f16::round_result(v), nearest_f16(v), "{v}");
+            assert_eq!(<f16 as Reduce>::round_result(v), nearest_f16(v), "{v}");
         }
     }
 
@@ -229,9 +351,9 @@ mod tests {
     fn bf16_rounding_keeps_sticky_bits() {
         // 1 + 2^-8 is a tie between 1 and 1 + 2^-7; a bit far below (2^-40) must round it up.
         let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
-        assert_eq!(bf16::round_result(v), 1.0 + 2f64.powi(-7));
-        assert_eq!(bf16::round_result(1.0 + 2f64.powi(-8)), 1.0);
-        assert_eq!(bf16::round_result(1e39), f64::INFINITY);
+        assert_eq!(<bf16 as Reduce>::round_result(v), 1.0 + 2f64.powi(-7));
+        assert_eq!(<bf16 as Reduce>::round_result(1.0 + 2f64.powi(-8)), 1.0);
+        assert_eq!(<bf16 as Reduce>::round_result(1e39), f64::INFINITY);
     }
 
     #[test]
@@ -239,6 +361,8 @@ mod tests {
         assert_eq!(i64::MIN.magnitude(), 1u64 << 63);
         assert_eq!(i8::MIN.magnitude(), 128);
         assert_eq!(u64::MAX.magnitude(), u64::MAX);
-        assert_eq!(true.magnitude(), 1);
+        assert_eq!(BoolByte(1).magnitude(), 1);
+        assert_eq!(BoolByte(7).magnitude(), 1);
+        assert_eq!(BoolByte(0).magnitude(), 0);
     }
 }

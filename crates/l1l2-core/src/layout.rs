@@ -1,10 +1,14 @@
 //! Strided layouts: validated against the buffer once, normalised so that the innermost dimension
 //! has the smallest stride, then walked in place (never copied).
+//!
+//! A layout may carry a second operand, the destination of an elementwise op: its strides follow
+//! the source's dimensions through the same normalisation, so that one walk reads the source and
+//! writes the destination.
 
 use std::ops::Range;
 
-use crate::accumulate::Partial;
-use crate::element::Element;
+use crate::element::Reduce;
+use crate::kernels::RunSink;
 use crate::Error;
 
 /// Rows at least this long with a stride in `LANE_STRIDES` go straight to the SIMD kernel; shorter
@@ -25,17 +29,44 @@ struct Dim {
     len: usize,
     /// In elements, non-negative after normalisation.
     stride: usize,
+    /// The destination's stride along this dimension, in elements (0 without a destination).
+    dest: isize,
 }
 
 /// A normalised layout: `outer` dimensions (outermost first) over rows of `row_len` elements
-/// `row_stride` apart, starting at `offset`.
+/// `row_stride` apart, starting at `offset`; the destination's matching element starts at
+/// `dest_offset`, its rows `row_dest` apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
     offset: usize,
     outer: Vec<Dim>,
     row_len: usize,
     row_stride: usize,
+    dest_offset: isize,
+    row_dest: isize,
     len: usize,
+}
+
+/// Where a walk writes: for each piece of a row, the sink that receives its source elements.
+pub(crate) trait RowWriter<T>: Sync {
+    type Sink<'s>: RunSink<T>
+    where
+        Self: 's;
+    /// The sink of a piece whose first element goes to destination index `dest_first`, the next
+    /// ones `dest_stride` apart, read as a run with step `step` (only every `step`-th element of
+    /// the run belongs to the piece).
+    fn row(&self, dest_first: isize, dest_stride: isize, step: usize) -> Self::Sink<'_>;
+}
+
+/// The writer of a plain reduction.
+pub(crate) struct NoWrite;
+
+impl<T> RowWriter<T> for NoWrite {
+    type Sink<'s> = crate::kernels::NoSink;
+    #[inline(always)]
+    fn row(&self, _: isize, _: isize, _: usize) -> crate::kernels::NoSink {
+        crate::kernels::NoSink
+    }
 }
 
 impl Layout {
@@ -48,6 +79,37 @@ impl Layout {
         offset: usize,
         shape: &[usize],
         strides: &[isize],
+    ) -> Result<Self, Error> {
+        Self::build(buffer_len, offset, shape, strides, None)
+    }
+
+    /// The layout of `shape` over the source's `strides` (as [`Layout::new`]) with the
+    /// destination's `dest_strides` (starting at `dest_offset`) carried through the normalisation.
+    /// Dimensions merge only where both operands merge, so the walk may differ from the source's
+    /// own layout (see [`Layout::same_walk`]).
+    pub(crate) fn paired(
+        buffer_len: usize,
+        offset: usize,
+        shape: &[usize],
+        strides: &[isize],
+        dest_offset: usize,
+        dest_strides: &[isize],
+    ) -> Result<Self, Error> {
+        Self::build(
+            buffer_len,
+            offset,
+            shape,
+            strides,
+            Some((dest_offset, dest_strides)),
+        )
+    }
+
+    fn build(
+        buffer_len: usize,
+        offset: usize,
+        shape: &[usize],
+        strides: &[isize],
+        dest: Option<(usize, &[isize])>,
     ) -> Result<Self, Error> {
         if shape.len() != strides.len() {
             return Err(Error::ShapeStridesMismatch {
@@ -62,22 +124,30 @@ impl Layout {
         if len == 0 {
             return Ok(Self::contiguous(0, 0));
         }
+        let (dest_offset, dest_strides) = dest.unwrap_or((0, &[]));
         let mut start = i128::try_from(offset).map_err(|_| Error::TooLarge)?;
+        let mut dest_start = dest_offset as i128;
         let mut end = start; // last addressed element
         let mut dims = Vec::with_capacity(shape.len());
-        for (&dim_len, &stride) in shape.iter().zip(strides) {
+        for (axis, (&dim_len, &stride)) in shape.iter().zip(strides).enumerate() {
             if dim_len == 1 {
                 continue;
             }
+            let dest_stride = dest_strides.get(axis).copied().unwrap_or(0);
             let reach = (dim_len as i128 - 1) * stride as i128;
-            if stride < 0 {
+            // A flipped dimension is walked from its last element: the destination follows.
+            let dest = if stride < 0 {
                 start += reach;
+                dest_start += (dim_len as i128 - 1) * dest_stride as i128;
+                -dest_stride
             } else {
                 end += reach;
-            }
+                dest_stride
+            };
             dims.push(Dim {
                 len: dim_len,
                 stride: stride.unsigned_abs(),
+                dest,
             });
         }
         if start < 0 || end >= buffer_len as i128 {
@@ -88,23 +158,35 @@ impl Layout {
             });
         }
         // Broadcast dimensions first, then by decreasing stride: the innermost stride is smallest.
+        // The sort is stable, so a paired layout orders its dimensions as the source's own does.
         dims.sort_by_key(|dim| (dim.stride != 0, std::cmp::Reverse(dim.stride)));
         let mut merged: Vec<Dim> = Vec::with_capacity(dims.len());
         for dim in dims {
             match merged.last_mut() {
-                Some(last) if last.stride == dim.stride * dim.len && dim.stride != 0 => {
+                Some(last)
+                    if last.stride == dim.stride * dim.len
+                        && dim.stride != 0
+                        && last.dest == dim.dest * dim.len as isize =>
+                {
                     last.len *= dim.len;
                     last.stride = dim.stride;
+                    last.dest = dim.dest;
                 }
                 _ => merged.push(dim),
             }
         }
-        let row = merged.pop().unwrap_or(Dim { len: 1, stride: 1 });
+        let row = merged.pop().unwrap_or(Dim {
+            len: 1,
+            stride: 1,
+            dest: 0,
+        });
         Ok(Self {
             offset: start as usize,
             outer: merged,
             row_len: row.len,
             row_stride: row.stride,
+            dest_offset: isize::try_from(dest_start).map_err(|_| Error::TooLarge)?,
+            row_dest: row.dest,
             len,
         })
     }
@@ -115,6 +197,8 @@ impl Layout {
             outer: Vec::new(),
             row_len: len,
             row_stride: 1,
+            dest_offset: 0,
+            row_dest: 0,
             len,
         }
     }
@@ -123,9 +207,65 @@ impl Layout {
         self.len
     }
 
-    /// Calls `visit(first, count)` for each row piece covering the flat range `range` (in the
-    /// normalised order), `first` being the buffer index of the piece's first element.
-    fn for_each_row_piece(&self, range: Range<usize>, mut visit: impl FnMut(usize, usize)) {
+    /// Whether `self` (a paired layout) walks the source exactly as `own` (the source's own
+    /// layout) does: then a reduction over it gives the bits of the source's own reduction.
+    pub(crate) fn same_walk(&self, own: &Layout) -> bool {
+        let source_dims = |layout: &Layout| -> Vec<(usize, usize)> {
+            layout
+                .outer
+                .iter()
+                .map(|dim| (dim.len, dim.stride))
+                .collect()
+        };
+        self.offset == own.offset
+            && self.row_len == own.row_len
+            && self.row_stride == own.row_stride
+            && source_dims(self) == source_dims(own)
+    }
+
+    /// The lowest and one past the highest element index the layout addresses (empty for an
+    /// empty layout).
+    pub(crate) fn extent(&self) -> Range<usize> {
+        if self.len == 0 {
+            return 0..0;
+        }
+        let reach: usize = self
+            .outer
+            .iter()
+            .map(|dim| (dim.len - 1) * dim.stride)
+            .sum::<usize>()
+            + (self.row_len - 1) * self.row_stride;
+        self.offset..self.offset + reach + 1
+    }
+
+    /// Whether every element has an address of its own (no broadcast dimension, and no two index
+    /// tuples landing on one address): the condition for writing through the layout. Sufficient
+    /// rather than exact: each stride must exceed the reach of all the dimensions inside it.
+    pub(crate) fn check_one_to_one(&self) -> Result<(), Error> {
+        if self.len <= 1 {
+            return Ok(());
+        }
+        if self.row_stride == 0 || self.outer.iter().any(|dim| dim.stride == 0) {
+            return Err(Error::BroadcastDestination);
+        }
+        let mut reach = (self.row_len - 1) * self.row_stride;
+        for dim in self.outer.iter().rev() {
+            if dim.stride <= reach {
+                return Err(Error::SelfOverlappingDestination);
+            }
+            reach += (dim.len - 1) * dim.stride;
+        }
+        Ok(())
+    }
+
+    /// Calls `visit(first, count, dest_first)` for each row piece covering the flat range `range`
+    /// (in the normalised order), `first` being the buffer index of the piece's first element and
+    /// `dest_first` that of its destination element.
+    pub(crate) fn for_each_row_piece(
+        &self,
+        range: Range<usize>,
+        mut visit: impl FnMut(usize, usize, isize),
+    ) {
         if range.is_empty() {
             return;
         }
@@ -138,41 +278,66 @@ impl Layout {
             *digit = rest % dim.len;
             rest /= dim.len;
         }
-        let mut row_start = self.offset
-            + index
-                .iter()
-                .zip(&self.outer)
-                .map(|(i, dim)| i * dim.stride)
-                .sum::<usize>();
+        let mut row_start = self.offset;
+        let mut dest_row_start = self.dest_offset;
+        for (&i, dim) in index.iter().zip(&self.outer) {
+            row_start += i * dim.stride;
+            dest_row_start += i as isize * dim.dest;
+        }
         let mut position = range.start;
         while position < range.end {
             let count = (self.row_len - column).min(range.end - position);
-            visit(row_start + column * self.row_stride, count);
+            visit(
+                row_start + column * self.row_stride,
+                count,
+                dest_row_start + column as isize * self.row_dest,
+            );
             position += count;
             column = 0;
             // Advance the odometer.
             for (digit, dim) in index.iter_mut().zip(&self.outer).rev() {
                 *digit += 1;
                 row_start += dim.stride;
+                dest_row_start += dim.dest;
                 if *digit < dim.len {
                     break;
                 }
                 row_start -= dim.len * dim.stride;
+                dest_row_start -= dim.len as isize * dim.dest;
                 *digit = 0;
             }
         }
     }
 
-    /// The partial sums of the flat range `range`, read in place from `data`.
-    pub(crate) fn reduce_range<T: Element>(&self, data: &[T], range: Range<usize>) -> T::Partial {
+    /// The stride of the destination along rows.
+    pub(crate) fn row_dest(&self) -> isize {
+        self.row_dest
+    }
+
+    /// The stride of the source along rows.
+    pub(crate) fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// The partial sums of the flat range `range`, read in place from `data`; `writer` sees every
+    /// element once, while it is in L1.
+    pub(crate) fn reduce_range<T: Reduce, W: RowWriter<T>>(
+        &self,
+        data: &[T],
+        range: Range<usize>,
+        writer: &W,
+    ) -> T::Partial {
+        use crate::accumulate::Partial;
         let mut total = T::Partial::default();
         let stride = self.row_stride;
+        let row_dest = self.row_dest;
         if LANE_STRIDES.contains(&stride) && self.row_len >= DIRECT_MIN_LEN {
             // Long rows of small stride: the kernel reads each row's span in place and keeps
             // every `stride`-th lane (see `kernels::float_sums`).
-            self.for_each_row_piece(range, |first, count| {
+            self.for_each_row_piece(range, |first, count, dest_first| {
                 let span = &data[first..=first + (count - 1) * stride];
-                total = total.merge(T::reduce_run(span, stride));
+                let mut sink = writer.row(dest_first, row_dest, stride);
+                total = total.merge(T::reduce_run(span, stride, &mut sink));
             });
             return total;
         }
@@ -181,7 +346,7 @@ impl Layout {
         let mut gathered = LineAligned([T::default(); GATHER_LEN]);
         let buffer = &mut gathered.0;
         let mut filled = 0;
-        self.for_each_row_piece(range, |mut first, mut count| {
+        self.for_each_row_piece(range, |mut first, mut count, mut dest_first| {
             while count > 0 {
                 let take = count.min(GATHER_LEN - filled);
                 let targets = &mut buffer[filled..filled + take];
@@ -193,16 +358,23 @@ impl Layout {
                         *target = source;
                     }
                 }
+                // The gathered values are in L1: write their destinations now.
+                writer.row(dest_first, row_dest, 1).visit(0, targets);
                 filled += take;
                 first += take * stride;
+                dest_first += take as isize * row_dest;
                 count -= take;
                 if filled == GATHER_LEN {
-                    total = total.merge(T::reduce_run(buffer, 1));
+                    total = total.merge(T::reduce_run(buffer, 1, &mut crate::kernels::NoSink));
                     filled = 0;
                 }
             }
         });
-        total.merge(T::reduce_run(&buffer[..filled], 1))
+        total.merge(T::reduce_run(
+            &buffer[..filled],
+            1,
+            &mut crate::kernels::NoSink,
+        ))
     }
 }
 
@@ -213,7 +385,7 @@ mod tests {
     fn visited(layout: &Layout, range: Range<usize>) -> Vec<usize> {
         let mut out = Vec::new();
         let step = layout.row_stride;
-        layout.for_each_row_piece(range, |first, count| {
+        layout.for_each_row_piece(range, |first, count, _| {
             out.extend((0..count).map(|i| first + i * step));
         });
         out
@@ -253,6 +425,40 @@ mod tests {
             got.sort();
             assert_eq!(got, expected, "split {split}");
         }
+    }
+
+    #[test]
+    fn paired_layouts_follow_the_source() {
+        // A C-order source with an F-order destination: nothing merges, the walk differs.
+        let own = Layout::new(6, 0, &[2, 3], &[3, 1]).unwrap();
+        let paired = Layout::paired(6, 0, &[2, 3], &[3, 1], 0, &[1, 2]).unwrap();
+        assert!(!paired.same_walk(&own));
+        // A reversed source with a forward destination: flipped together.
+        let own = Layout::new(10, 9, &[10], &[-1]).unwrap();
+        let paired = Layout::paired(10, 9, &[10], &[-1], 0, &[1]).unwrap();
+        assert!(paired.same_walk(&own));
+        let mut pairs = Vec::new();
+        paired.for_each_row_piece(0..10, |first, count, dest| {
+            pairs.extend((0..count).map(|i| (first + i, dest - i as isize)));
+        });
+        assert_eq!(pairs[0], (0, 9));
+        assert_eq!(pairs[9], (9, 0));
+    }
+
+    #[test]
+    fn destinations_must_be_one_to_one() {
+        let ok = Layout::new(24, 0, &[2, 3, 4], &[1, 2, 6]).unwrap();
+        assert!(ok.check_one_to_one().is_ok());
+        let broadcast = Layout::new(4, 0, &[3, 4], &[0, 1]).unwrap();
+        assert_eq!(
+            broadcast.check_one_to_one(),
+            Err(Error::BroadcastDestination)
+        );
+        let overlapping = Layout::new(10, 0, &[3, 3], &[1, 1]).unwrap();
+        assert_eq!(
+            overlapping.check_one_to_one(),
+            Err(Error::SelfOverlappingDestination)
+        );
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //!   boundaries, so a copy at another offset can differ in the last bits (within the accuracy
 //!   bounds).
 //! * **In place**: strided views (negative, zero or arbitrary strides) are reduced without a copy.
+//! * **Training kernels**: [`value_and_grad`] writes (or adds) the penalty's gradient into a
+//!   buffer the caller owns while it computes the penalty, in one pass; [`prox`] is the proximal
+//!   step of the elastic-net penalty, in place; the `_many` forms take a whole model's tensors in
+//!   one parallel region.
+//! * **One description of an array**: [`ArrayView`] and [`ArrayViewMut`] (pointer, [`DType`],
+//!   shape, strides) serve every dtype and op; their constructors validate bounds, alignment and
+//!   strides, and ops check shapes, dtypes and overlap before writing anything.
 //!
 //! ```
 //! let weights = [0.5f32, -1.0, 2.0];
@@ -29,22 +36,25 @@
 #![warn(missing_docs)]
 
 mod accumulate;
+mod dtype;
 mod element;
+mod error;
 mod kernels;
 mod layout;
+mod ops;
 pub mod parallel;
 #[doc(hidden)]
 pub mod probe;
+mod view;
 
-use std::fmt;
-
+pub use dtype::DType;
 pub use element::Element;
+pub use error::Error;
 pub use half::{bf16, f16};
 pub use kernels::{isa, Isa};
+pub use ops::{prox, prox_many, sums_many, value_and_grad, value_and_grad_many, Factors, Update};
 pub use parallel::{num_threads, set_num_threads};
-
-use accumulate::Partial;
-use layout::Layout;
+pub use view::{ArrayView, ArrayViewMut};
 
 /// `sum |x|` and `sum x^2` of an input, each rounded once to f64.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -90,12 +100,10 @@ impl Sums {
 /// assert_eq!(l1l2_core::sums(&x).sum_squares, 4.0 * 60000.0 * 60000.0);
 /// ```
 pub fn sums<T: Element>(data: &[T]) -> Sums {
-    finish::<T>(parallel::reduce(data.len(), size_of::<T>(), &|range| {
-        T::reduce_run(&data[range], 1)
-    }))
+    ArrayView::from_slice(data).sums()
 }
 
-/// Keras' `L1L2(l1, l2)` penalty of a slice; see [`Sums::penalty`].
+/// Keras' `L1L2(l1, l2)` penalty of a slice, in f64; see [`Sums::penalty`].
 ///
 /// ```
 /// assert_eq!(l1l2_core::penalty(&[1.0f64, -2.0], 0.5, 0.25), 0.5 * 3.0 + 0.25 * 5.0);
@@ -103,115 +111,3 @@ pub fn sums<T: Element>(data: &[T]) -> Sums {
 pub fn penalty<T: Element>(data: &[T], l1: f64, l2: f64) -> f64 {
     sums(data).penalty(l1, l2)
 }
-
-fn finish<T: Element>(partial: T::Partial) -> Sums {
-    let (sum_abs, sum_squares) = partial.finish();
-    Sums {
-        sum_abs,
-        sum_squares,
-    }
-}
-
-/// An n-dimensional strided view into a buffer, as numpy, ndarray and DLPack describe arrays:
-/// element `[i0, i1, ..]` is `data[offset + i0 * strides[0] + i1 * strides[1] + ..]`, strides in
-/// elements (negative and zero allowed). Validated once on construction; reduced in place.
-///
-/// ```
-/// use l1l2_core::StridedView;
-/// let buffer = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-/// // The transpose of a 2x3 C-order matrix, then every column reversed.
-/// let view = StridedView::new(&buffer, 3, &[3, 2], &[1, -3])?;
-/// assert_eq!(view.sums().sum_abs, 21.0);
-/// // The second column of the 2x3 matrix.
-/// let column = StridedView::new(&buffer, 1, &[2], &[3])?;
-/// assert_eq!(column.sums().sum_squares, 4.0 + 25.0);
-/// # Ok::<(), l1l2_core::Error>(())
-/// ```
-#[derive(Clone, Debug)]
-pub struct StridedView<'a, T> {
-    data: &'a [T],
-    layout: Layout,
-}
-
-impl<'a, T: Element> StridedView<'a, T> {
-    /// Checks that every addressed element lies inside `data`.
-    pub fn new(
-        data: &'a [T],
-        offset: usize,
-        shape: &[usize],
-        strides: &[isize],
-    ) -> Result<Self, Error> {
-        let layout = Layout::new(data.len(), offset, shape, strides)?;
-        Ok(Self { data, layout })
-    }
-
-    /// The number of elements in the view.
-    pub fn len(&self) -> usize {
-        self.layout.len()
-    }
-
-    /// Whether the view has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// `sum |x|` and `sum x^2` over the view, in one pass, in place.
-    pub fn sums(&self) -> Sums {
-        finish::<T>(parallel::reduce(self.len(), size_of::<T>(), &|range| {
-            self.layout.reduce_range(self.data, range)
-        }))
-    }
-
-    /// Keras' `L1L2(l1, l2)` penalty of the view; see [`Sums::penalty`].
-    pub fn penalty(&self, l1: f64, l2: f64) -> f64 {
-        self.sums().penalty(l1, l2)
-    }
-}
-
-/// Why a [`StridedView`] was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Error {
-    /// `shape` and `strides` have different lengths.
-    ShapeStridesMismatch {
-        /// Dimensions in `shape`.
-        shape_len: usize,
-        /// Dimensions in `strides`.
-        strides_len: usize,
-    },
-    /// The view addresses elements outside the buffer.
-    OutOfBounds {
-        /// Lowest addressed index (may be negative).
-        first: i128,
-        /// Highest addressed index.
-        last: i128,
-        /// Length of the buffer.
-        buffer_len: usize,
-    },
-    /// The element count overflows `usize`.
-    TooLarge,
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::ShapeStridesMismatch {
-                shape_len,
-                strides_len,
-            } => write!(
-                f,
-                "shape has {shape_len} dimensions but strides has {strides_len}"
-            ),
-            Self::OutOfBounds {
-                first,
-                last,
-                buffer_len,
-            } => write!(
-                f,
-                "view addresses elements {first}..={last} of a buffer of {buffer_len}"
-            ),
-            Self::TooLarge => write!(f, "element count overflows usize"),
-        }
-    }
-}
-
-impl std::error::Error for Error {}

@@ -2,7 +2,7 @@
 //!
 //! The input is cut into chunks of `CHUNK` elements whose boundaries depend on the length only.
 //! Chunk partials are merged along a fixed binary tree (split at the middle chunk). For a parallel
-//! run the tree is cut at depth `SPLIT_DEPTH` into at most `MAX_PIECES` subtrees; the calling
+//! run the tree is cut at depth `SPLIT_DEPTH` into at most 128 subtrees; the calling
 //! thread and the pool's workers take pieces from a shared counter, each piece's partial lands in
 //! its own slot, and the top of the tree is then merged from the slots in the fixed order. Who
 //! computed which piece never changes the bits, so the result is identical for any thread count,
@@ -40,10 +40,9 @@ pub const CHUNK: usize = 1 << 15;
 /// second thread does not win back what waking it costs (see the README's thread figures).
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
-/// How deep the chunk tree is cut for a parallel run: at most `MAX_PIECES` pieces, enough to
-/// balance the threads (a piece is at most 1/128 of the input) with a 4-8 KiB slot array.
+/// How deep the chunk tree is cut for a parallel run: at most 128 pieces per tensor, enough to
+/// balance the threads (a piece is at most 1/128 of the input) with few slots.
 const SPLIT_DEPTH: u32 = 7;
-const MAX_PIECES: usize = 1 << SPLIT_DEPTH;
 
 /// How long the caller waits for the workers' last pieces before it blocks: spinning at first,
 /// then yielding its CPU (see `spread`).
@@ -58,45 +57,96 @@ where
     F: Fn(Range<usize>) -> P + Sync,
 {
     if len <= CHUNK {
-        return leaf(0..len);
+        return leaf(0..len); // the small-call path: no allocation, no pool
     }
-    let tree = Tree { len, leaf };
-    let chunks = 0..len.div_ceil(CHUNK);
-    if len.saturating_mul(element_size) < PARALLEL_MIN_BYTES {
-        return tree.reduce(chunks);
+    let bytes = len.saturating_mul(element_size);
+    reduce_many(&[len], bytes, &|_, range| leaf(range))[0]
+}
+
+/// One cut of a tensor's chunk tree: the unit handed to a thread.
+struct Piece {
+    tensor: usize,
+    chunks: Range<usize>,
+}
+
+/// Reduces every tensor `0..lens[t]` with `leaf(t, range)`, each along its own fixed tree (so each
+/// result has the bits of `reduce` on that tensor alone), all in one parallel region when
+/// `bytes` (the work: bytes read and written) reaches `PARALLEL_MIN_BYTES`.
+///
+/// Large tensors are cut into the subtrees of their tree at `SPLIT_DEPTH`; consecutive small
+/// ones are grouped into tasks of at least `CHUNK` elements, so that a list of a thousand small
+/// tensors costs a few hundred counter increments rather than a thousand.
+pub(crate) fn reduce_many<P, F>(lens: &[usize], bytes: usize, leaf: &F) -> Vec<P>
+where
+    P: Partial,
+    F: Fn(usize, Range<usize>) -> P + Sync,
+{
+    let tree = |tensor: usize| Tree {
+        len: lens[tensor],
+        leaf: move |range| leaf(tensor, range),
+    };
+    if bytes < PARALLEL_MIN_BYTES {
+        return (0..lens.len())
+            .map(|tensor| tree(tensor).reduce(0..chunk_count(lens[tensor])))
+            .collect();
     }
-    let mut pieces: [Range<usize>; MAX_PIECES] = std::array::from_fn(|_| 0..0);
-    let mut count = 0;
-    walk(chunks.clone(), SPLIT_DEPTH, &mut |piece| {
-        pieces[count] = piece;
-        count += 1;
-    });
-    let pieces = &pieces[..count];
-    let slots: [OnceLock<P>; MAX_PIECES] = std::array::from_fn(|_| OnceLock::new());
+    let mut pieces = Vec::new();
+    for (tensor, &len) in lens.iter().enumerate() {
+        walk(0..chunk_count(len), SPLIT_DEPTH, &mut |chunks| {
+            pieces.push(Piece { tensor, chunks });
+        });
+    }
+    // Tasks: runs of consecutive pieces of at least CHUNK elements each (a piece of a large
+    // tensor is one already).
+    let mut tasks: Vec<Range<usize>> = Vec::new();
+    let mut start = 0;
+    let mut elements = 0;
+    for (index, piece) in pieces.iter().enumerate() {
+        elements += lens[piece.tensor].min(piece.chunks.len() * CHUNK);
+        if elements >= CHUNK || index + 1 == pieces.len() {
+            tasks.push(start..index + 1);
+            start = index + 1;
+            elements = 0;
+        }
+    }
+    let slots: Vec<OnceLock<P>> = pieces.iter().map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
     spread(&|| loop {
         let index = next.fetch_add(1, Ordering::Relaxed);
-        let Some(piece) = pieces.get(index) else {
+        let Some(task) = tasks.get(index) else {
             break;
         };
-        slots[index].get_or_init(|| tree.reduce(piece.clone()));
+        for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
+            slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
+        }
     });
     // Every piece is done by now; `get_or_init` keeps this total even if one were not.
     let mut index = 0;
-    merge_walk(chunks, SPLIT_DEPTH, &mut |piece| {
-        let partial = *slots[index].get_or_init(|| tree.reduce(piece));
-        index += 1;
-        partial
-    })
+    (0..lens.len())
+        .map(|tensor| {
+            merge_walk(0..chunk_count(lens[tensor]), SPLIT_DEPTH, &mut |chunks| {
+                let piece = &pieces[index];
+                debug_assert!(piece.tensor == tensor && piece.chunks == chunks);
+                let partial = *slots[index].get_or_init(|| tree(tensor).reduce(chunks));
+                index += 1;
+                partial
+            })
+        })
+        .collect()
+}
+
+/// Chunks of a tensor of `len` elements (an empty tensor has one, empty).
+fn chunk_count(len: usize) -> usize {
+    len.div_ceil(CHUNK).max(1)
 }
 
 /// The chunk tree of an input of `len` elements.
-struct Tree<'a, F> {
+struct Tree<F> {
     len: usize,
-    leaf: &'a F,
+    leaf: F,
 }
 
-impl<F> Tree<'_, F> {
+impl<F> Tree<F> {
     /// The partial of `chunks`, merged along the fixed tree.
     fn reduce<P>(&self, chunks: Range<usize>) -> P
     where

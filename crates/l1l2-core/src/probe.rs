@@ -7,7 +7,7 @@
 //! loads or by how the compiler happens to lay out a generic loop.
 
 use crate::accumulate::Partial;
-use crate::kernels::{isa, Isa};
+use crate::kernels::{dispatch, Kernel, Target};
 use crate::parallel;
 
 #[derive(Clone, Copy, Default)]
@@ -31,34 +31,20 @@ pub fn read_probe(words: &[u64]) -> u64 {
 }
 
 fn xor_words(words: &[u64]) -> u64 {
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx512 only after detecting avx512f and avx2.
-        Isa::Avx512 => unsafe { xor_words_avx512(words) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx2 only after detecting avx2.
-        Isa::Avx2 => unsafe { xor_words_avx2(words) },
-        _ => xor_words_generic(words),
+    dispatch(XorWords(words))
+}
+
+struct XorWords<'a>(&'a [u64]);
+
+impl Kernel for XorWords<'_> {
+    type Output = u64;
+    /// Words before the first 64-byte boundary, then the rest as one XOR fold, which LLVM's loop
+    /// vectorizer unrolls over independent vector accumulators for the ISA at hand.
+    #[inline(always)]
+    fn run<I: Target>(self) -> u64 {
+        let words = self.0;
+        let (head, body) = words.split_at(words.as_ptr().align_offset(64).min(words.len()));
+        let xor = |words: &[u64]| words.iter().fold(0, |total, word| total ^ word);
+        xor(head) ^ xor(body)
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-fn xor_words_avx512(words: &[u64]) -> u64 {
-    xor_words_generic(words)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn xor_words_avx2(words: &[u64]) -> u64 {
-    xor_words_generic(words)
-}
-
-/// Words before the first 64-byte boundary, then the rest as one XOR fold, which LLVM's loop
-/// vectorizer unrolls over independent vector accumulators for the ISA at hand.
-#[inline(always)]
-fn xor_words_generic(words: &[u64]) -> u64 {
-    let (head, body) = words.split_at(words.as_ptr().align_offset(64).min(words.len()));
-    let xor = |words: &[u64]| words.iter().fold(0, |total, word| total ^ word);
-    xor(head) ^ xor(body)
 }

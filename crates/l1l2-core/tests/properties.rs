@@ -1,7 +1,7 @@
 //! Property tests of the kernels against independent references: an exact sum (Shewchuk's
 //! expansion, as Python's `math.fsum`, over exactly computed terms) and a naive f64 loop.
 
-use l1l2_core::{bf16, f16, set_num_threads, sums, Element, StridedView};
+use l1l2_core::{bf16, f16, set_num_threads, sums, ArrayView, Element};
 use proptest::prelude::*;
 
 /// Exact running sum of f64 terms as a non-overlapping expansion (Shewchuk), rounded once at the
@@ -154,7 +154,7 @@ fn check<T: Element + Into64>(values: &[T]) {
 
 /// `got` and `exact`, each rounded to `T` (float64 for f64), differ by at most one ulp of `T`.
 fn assert_rounded_within_1_ulp<T: Element + Into64>(got: f64, exact: f64, what: &str) {
-    let (got, exact) = (T::round_result(got), T::round_result(exact));
+    let (got, exact) = (T::DTYPE.round_result(got), T::DTYPE.round_result(exact));
     if !exact.is_finite() || exact.is_nan() {
         assert!(
             got == exact || (got.is_nan() && exact.is_nan()),
@@ -275,7 +275,7 @@ proptest! {
         let (view_cols, first_col, cs) = pick(cols, col_step);
         let offset = first_row * cols + first_col;
         let strides = [rs * cols as isize, cs];
-        let view = StridedView::new(&buffer, offset, &[view_rows, view_cols], &strides).unwrap();
+        let view = ArrayView::new(&buffer, offset, &[view_rows, view_cols], &strides).unwrap();
         let mut addressed = Vec::new();
         for i in 0..view_rows as isize {
             for j in 0..view_cols as isize {
@@ -330,7 +330,7 @@ fn every_start_offset_within_a_cache_line() {
             check(&half[offset..offset + len]);
             check(&brain[offset..offset + len]);
             for step in [2, 4] {
-                let view = StridedView::new(&buffer, offset, &[len], &[step as isize]).unwrap();
+                let view = ArrayView::new(&buffer, offset, &[len], &[step as isize]).unwrap();
                 let addressed: Vec<f64> = buffer[offset..]
                     .iter()
                     .step_by(step)
@@ -381,7 +381,7 @@ fn f16_extremes_do_not_overflow() {
     assert_eq!(s.sum_abs, 70_000.0 * 65504.0);
     assert_eq!(s.sum_squares, 70_000.0 * 65504.0 * 65504.0);
     // A penalty whose true value fits in f16 comes back finite: 1e-6 * 4.585e9 = 4585.28 -> 4584.
-    assert_eq!(f16::round_result(s.sum_abs * 1e-6), 4584.0);
+    assert_eq!(l1l2_core::DType::F16.round_result(s.sum_abs * 1e-6), 4584.0);
 }
 
 #[test]
@@ -416,7 +416,7 @@ fn bit_identical_for_any_thread_count() {
         .collect();
     let wide = random_f64(1_500_007, 12);
     let view_buffer = random_f64(2_000_000, 13);
-    let view = StridedView::new(&view_buffer, 1_999_999, &[1000, 666], &[-2000, -3]).unwrap();
+    let view = ArrayView::new(&view_buffer, 1_999_999, &[1000, 666], &[-2000, -3]).unwrap();
     let mut results = Vec::new();
     for threads in [1, 2, 3, 8, 0] {
         set_num_threads(threads);
@@ -467,7 +467,7 @@ proptest! {
             .map(|i| buffer[(offset as isize + i * stride) as usize])
             .collect();
         let (exact_abs, exact_squares) = exact_sums(&addressed);
-        let got = StridedView::new(&buffer, offset, &[len], &[stride]).unwrap().sums();
+        let got = ArrayView::new(&buffer, offset, &[len], &[stride]).unwrap().sums();
         assert_close(got.sum_abs, exact_abs, 4.0, len, "abs");
         assert_close(got.sum_squares, exact_squares, 4.0, len, "squares");
         let narrow: Vec<f16> = buffer.iter().map(|&x| f16::from_f64(x)).collect();
@@ -475,7 +475,7 @@ proptest! {
             .map(|i| narrow[(offset as isize + i * stride) as usize].to_f64())
             .collect();
         let (exact_abs, exact_squares) = exact_sums(&addressed16);
-        let got = StridedView::new(&narrow, offset, &[len], &[stride]).unwrap().sums();
+        let got = ArrayView::new(&narrow, offset, &[len], &[stride]).unwrap().sums();
         assert_close(got.sum_abs, exact_abs, f16::SUM_ULPS, len, "f16 abs");
         assert_close(got.sum_squares, exact_squares, f16::SUM_ULPS, len, "f16 squares");
         assert_rounded_within_1_ulp::<f16>(got.sum_abs, exact_abs, "f16 abs");
@@ -492,17 +492,17 @@ fn skipped_elements_never_leak_into_strided_sums() {
             *value = if i % 4 == 1 { f32::NAN } else { f32::INFINITY };
         }
     }
-    let every_other = StridedView::new(&buffer, 0, &[2001], &[2]).unwrap().sums();
+    let every_other = ArrayView::new(&buffer, 0, &[2001], &[2]).unwrap().sums();
     assert_eq!(
         (every_other.sum_abs, every_other.sum_squares),
         (2001.0, 2001.0)
     );
-    let every_fourth = StridedView::new(&buffer, 0, &[1001], &[4]).unwrap().sums();
+    let every_fourth = ArrayView::new(&buffer, 0, &[1001], &[4]).unwrap().sums();
     assert_eq!(
         (every_fourth.sum_abs, every_fourth.sum_squares),
         (1001.0, 1001.0)
     );
     let ints: Vec<i64> = (0..1000).collect();
-    let odd = StridedView::new(&ints, 1, &[500], &[2]).unwrap().sums();
+    let odd = ArrayView::new(&ints, 1, &[500], &[2]).unwrap().sums();
     assert_eq!(odd.sum_abs, (0..500).map(|i| 2 * i + 1).sum::<i64>() as f64);
 }

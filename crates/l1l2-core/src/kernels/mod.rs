@@ -8,13 +8,11 @@
 
 use std::sync::OnceLock;
 
-use half::f16;
-
 use crate::accumulate::{Compensated, ExactPartial, FloatPartial, Partial, U192};
 use crate::element::{Float, Magnitude};
 
 #[cfg(target_arch = "x86_64")]
-mod x86_64;
+pub(crate) mod x86_64;
 
 /// Independent accumulators per sum: enough to hide the add latency on every supported ISA.
 pub(crate) const LANES: usize = 16;
@@ -64,52 +62,103 @@ fn detect_isa() -> Isa {
     Isa::Baseline
 }
 
+/// What an instruction set offers the generic kernels, as a type: each kernel is instantiated
+/// once per `Target` and run inside a wrapper compiled with that target's features.
+pub(crate) trait Target: Copy + 'static {
+    /// Fused multiply-add is an instruction (not a library call).
+    const FMA: bool;
+    /// F16C's `vcvtph2ps` widens 8 f16 values at once.
+    const F16C: bool;
+}
+
+/// Whatever the build target guarantees.
+#[derive(Clone, Copy)]
+pub(crate) struct Baseline;
+
+impl Target for Baseline {
+    const FMA: bool = BASELINE_FMA;
+    const F16C: bool = false;
+}
+
+/// A computation generic over the instruction set. `run` must be `#[inline(always)]`, so that
+/// its body (and everything it inlines) is compiled inside the wrapper with that ISA's features.
+pub(crate) trait Kernel {
+    type Output;
+    fn run<I: Target>(self) -> Self::Output;
+}
+
+/// Runs `kernel` on the best instruction set of this CPU: the one dispatch of every op family.
+#[inline]
+pub(crate) fn dispatch<K: Kernel>(kernel: K) -> K::Output {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
+        Isa::Avx512 => unsafe { x86_64::run_avx512(kernel) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
+        Isa::Avx2 => unsafe { x86_64::run_avx2(kernel) },
+        _ => kernel.run::<Baseline>(),
+    }
+}
+
+/// Receives every element of a run the kernel reads, block by block while the block is in L1:
+/// `visit(start, values)` gets the run's elements `start..start + values.len()`. The gradient
+/// ops write their output here, so the input is read from memory once.
+pub(crate) trait RunSink<T> {
+    fn visit(&mut self, start: usize, values: &[T]);
+}
+
+/// The sink of a plain reduction.
+pub(crate) struct NoSink;
+
+impl<T> RunSink<T> for NoSink {
+    #[inline(always)]
+    fn visit(&mut self, _start: usize, _values: &[T]) {}
+}
+
 /// `sum |x|` and `sum x^2` of the elements `run[0], run[step], run[2 * step], ..` (`step` divides
-/// `LANES`), on the best instruction set of this CPU.
+/// `LANES`), on the best instruction set of this CPU, handing every block read to `sink`.
 ///
 /// The kernel puts consecutive elements into consecutive lanes, so with `step` dividing `LANES`
 /// the wanted elements are exactly those of every `step`-th lane: the kernel reads the whole run at
 /// full vector speed and the other lanes are dropped at the end. For `x[::2]` that costs twice the
 /// work per element of a contiguous run, far less than gathering element by element.
 #[inline]
-pub(crate) fn float_sums<T: Float>(run: &[T], step: usize) -> FloatPartial {
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
-        Isa::Avx512 => unsafe { x86_64::float_sums_avx512(run, step) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 => unsafe { x86_64::float_sums_avx2(run, step) },
-        _ => float_sums_generic::<T, BASELINE_FMA>(run, step),
-    }
+pub(crate) fn float_sums<T: Float, S: RunSink<T>>(
+    run: &[T],
+    step: usize,
+    sink: &mut S,
+) -> FloatPartial {
+    dispatch(FloatSums { run, step, sink })
 }
 
-/// `float_sums` for f16 input: widened with F16C where the CPU has it (see `x86_64::F16c`),
-/// element by element in software otherwise; the same lanes and order either way.
-pub(crate) fn f16_sums(run: &[f16], step: usize) -> FloatPartial {
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx512 only after detecting avx512f, avx2, fma and f16c.
-        Isa::Avx512 => unsafe { x86_64::f16_sums_avx512(run, step) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 => unsafe { x86_64::f16_sums_avx2(run, step) },
-        _ => float_sums_generic::<f16, BASELINE_FMA>(run, step),
+struct FloatSums<'a, T, S> {
+    run: &'a [T],
+    step: usize,
+    sink: &'a mut S,
+}
+
+impl<T: Float, S: RunSink<T>> Kernel for FloatSums<'_, T, S> {
+    type Output = FloatPartial;
+    #[inline(always)]
+    fn run<I: Target>(self) -> FloatPartial {
+        float_sums_generic::<T, I, S>(self.run, self.step, self.sink)
     }
 }
 
 /// The one float kernel. `#[inline(always)]` so that each per-ISA wrapper compiles its own copy
-/// with that wrapper's target features. `FMA`: the ISA has fused multiply-add (used only where it
-/// gives the same bits as multiply-then-add, see `Float::EXACT_SQUARES`).
+/// with that wrapper's target features. Fused multiply-add is used only where it gives the same
+/// bits as multiply-then-add (see `Float::EXACT_SQUARES`).
 ///
 /// The lanes start at the run's first step-aligned element (see `lead`): a vector load that spans
 /// two cache lines halves one core's streaming rate, and numpy puts large arrays 16 bytes past a
 /// line. The elements before it are added one by one, compensated. So the bits depend on the
-/// data and on its address modulo 64 bytes, never on threads or timing.
+/// data and on its address modulo 64 bytes, never on threads, timing or the sink.
 #[inline(always)]
-pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(
+fn float_sums_generic<T: Float, I: Target, S: RunSink<T>>(
     run: &[T],
     step: usize,
+    sink: &mut S,
 ) -> FloatPartial {
     let (head, body) = run.split_at(lead(run));
     let mut total = FloatPartial::default();
@@ -118,10 +167,11 @@ pub(crate) fn float_sums_generic<T: Float, const FMA: bool>(
         total.abs.add(x);
         total.squares.add(x * x);
     }
+    sink.visit(0, head);
     // The body's element `j` is the run's `j + head.len()`: the wanted ones are in the lanes
     // `first, first + step, ..`.
     let first = (step - head.len() % step) % step;
-    total.merge(aligned_sums::<T, FMA>(body, step, first))
+    total.merge(aligned_sums::<T, I, S>(body, step, first, head.len(), sink))
 }
 
 /// How many leading elements of `run` come before its first step-aligned address (at most
@@ -141,9 +191,16 @@ fn lead<T>(run: &[T]) -> usize {
 
 /// `LANES` plain f64 sums per quantity, element `j` in lane `j % LANES`, folded into compensated
 /// per-lane totals every `STEPS_PER_FOLD` steps and combined as a tree; only the lanes
-/// `first, first + step, ..` count.
+/// `first, first + step, ..` count. `sink` sees each block right after it is summed; `offset` is
+/// the index of `run[0]` in the sink's run.
 #[inline(always)]
-fn aligned_sums<T: Float, const FMA: bool>(run: &[T], step: usize, first: usize) -> FloatPartial {
+fn aligned_sums<T: Float, I: Target, S: RunSink<T>>(
+    run: &[T],
+    step: usize,
+    first: usize,
+    offset: usize,
+    sink: &mut S,
+) -> FloatPartial {
     let mut abs_total = [Compensated::default(); LANES];
     let mut squares_total = [Compensated::default(); LANES];
     let fold = |abs: &[f64; LANES],
@@ -156,39 +213,42 @@ fn aligned_sums<T: Float, const FMA: bool>(run: &[T], step: usize, first: usize)
         }
     };
 
-    let blocks = run.chunks_exact(LANES * T::STEPS_PER_FOLD);
+    let block_len = LANES * T::STEPS_PER_FOLD;
+    let blocks = run.chunks_exact(block_len);
     let tail = blocks.remainder();
-    for block in blocks {
-        let (abs, squares) = lane_sums::<T, FMA>(block);
+    for (index, block) in blocks.enumerate() {
+        let (abs, squares) = lane_sums::<T, I>(block);
         fold(&abs, &squares, &mut abs_total, &mut squares_total);
+        sink.visit(offset + index * block_len, block);
     }
     // The tail (< LANES * STEPS_PER_FOLD elements): its whole steps as in a block, then the last
     // < LANES elements into the first lanes, so that no lane adds more than STEPS_PER_FOLD terms.
     let steps = tail.chunks_exact(LANES);
     let rest = steps.remainder();
-    let (mut abs, mut squares) = lane_sums::<T, FMA>(&tail[..tail.len() - rest.len()]);
+    let (mut abs, mut squares) = lane_sums::<T, I>(&tail[..tail.len() - rest.len()]);
     let (last_abs, last_squares) = (&mut abs[..rest.len()], &mut squares[..rest.len()]);
     for ((value, abs), squares) in rest.iter().zip(last_abs).zip(last_squares) {
         let x = value.widen_abs();
         *abs += x;
-        *squares = square_add::<T, FMA>(x, *squares);
+        *squares = square_add::<T, I>(x, *squares);
     }
     fold(&abs, &squares, &mut abs_total, &mut squares_total);
+    sink.visit(offset + run.len() - tail.len(), tail);
 
     combine_lanes(abs_total, squares_total, step, first)
 }
 
 /// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
 #[inline(always)]
-fn lane_sums<T: Float, const FMA: bool>(steps: &[T]) -> ([f64; LANES], [f64; LANES]) {
+fn lane_sums<T: Float, I: Target>(steps: &[T]) -> ([f64; LANES], [f64; LANES]) {
     let mut abs = [0.0f64; LANES];
     let mut squares = [0.0f64; LANES];
     for step in steps.chunks_exact(LANES) {
-        let widened = T::widen_abs_step(step);
+        let widened = T::widen_abs_step::<I>(step);
         for lane in 0..LANES {
             let x = widened[lane];
             abs[lane] += x;
-            squares[lane] = square_add::<T, FMA>(x, squares[lane]);
+            squares[lane] = square_add::<T, I>(x, squares[lane]);
         }
     }
     (abs, squares)
@@ -196,8 +256,8 @@ fn lane_sums<T: Float, const FMA: bool>(steps: &[T]) -> ([f64; LANES], [f64; LAN
 
 /// `acc + x * x`, fused where that is both available and bit-identical.
 #[inline(always)]
-fn square_add<T: Float, const FMA: bool>(x: f64, acc: f64) -> f64 {
-    if FMA && T::EXACT_SQUARES {
+fn square_add<T: Float, I: Target>(x: f64, acc: f64) -> f64 {
+    if I::FMA && T::EXACT_SQUARES {
         x.mul_add(x, acc)
     } else {
         acc + x * x
@@ -234,6 +294,7 @@ fn combine_lanes(
 /// Exact sums of an integer or bool run: a square of a 64-bit value needs up to 128 bits, so the
 /// running sum of squares carries into a 192-bit accumulator.
 pub(crate) fn exact_sums<T: Magnitude>(run: &[T], step: usize) -> ExactPartial {
+    // Not vectorised: integer inputs are rare, and exact 192-bit sums do not fit SIMD lanes.
     let mut abs: u128 = 0;
     let mut squares = U192::default();
     for value in run.iter().step_by(step) {

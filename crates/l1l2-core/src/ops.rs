@@ -1,0 +1,559 @@
+//! The op families on one skeleton: the reduction (`sums`), the fused value-and-gradient and the
+//! proximal step, each over one tensor or a list of them in one parallel region.
+//!
+//! Every op walks its tensors in the layout's order, cut into the same chunks, and the gradient is
+//! written from inside the reduction kernel, block by block while the block is in L1: the input is
+//! read from memory once, and the penalty has exactly the bits of the reduction alone.
+
+use std::ops::Range;
+
+use crate::accumulate::{AnyPartial, Partial};
+use crate::dtype::{with_element, with_float};
+use crate::element::{Float, Reduce};
+use crate::kernels::{dispatch, Kernel, RunSink, Target};
+use crate::layout::{Layout, NoWrite, RowWriter};
+use crate::{parallel, ArrayView, ArrayViewMut, DType, Error, Sums};
+
+/// Validated regularization factors. `None` leaves a term out; `Some(0.0)` keeps it, so NaN in
+/// the data still shows (Keras' `L1(0)` and `L2(0)`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Factors {
+    l1: Option<f64>,
+    l2: Option<f64>,
+}
+
+impl Factors {
+    /// The factors of `L1(l1)` (`l2 = None`), `L2(l2)` (`l1 = None`) or both; each must be finite
+    /// and non-negative.
+    pub fn new(l1: Option<f64>, l2: Option<f64>) -> Result<Self, Error> {
+        let check = |name, factor: Option<f64>| match factor {
+            Some(value) if !(value.is_finite() && value >= 0.0) => Err(Error::InvalidArgument {
+                name,
+                value,
+                expected: "a finite number >= 0",
+            }),
+            _ => Ok(factor.map(|value| value + 0.0)), // -0.0 -> 0.0
+        };
+        Ok(Self {
+            l1: check("l1", l1)?,
+            l2: check("l2", l2)?,
+        })
+    }
+
+    /// The factors of `L1L2(l1, l2)`: a factor of exactly zero drops its term.
+    ///
+    /// ```
+    /// let factors = l1l2_core::Factors::l1l2(0.5, 0.0)?;
+    /// assert_eq!((factors.l1(), factors.l2()), (Some(0.5), None));
+    /// # Ok::<(), l1l2_core::Error>(())
+    /// ```
+    pub fn l1l2(l1: f64, l2: f64) -> Result<Self, Error> {
+        let factors = Self::new(Some(l1), Some(l2))?;
+        Ok(Self {
+            l1: factors.l1.filter(|&value| value != 0.0),
+            l2: factors.l2.filter(|&value| value != 0.0),
+        })
+    }
+
+    /// The L1 factor, `None` when the term is left out.
+    pub fn l1(&self) -> Option<f64> {
+        self.l1
+    }
+
+    /// The L2 factor, `None` when the term is left out.
+    pub fn l2(&self) -> Option<f64> {
+        self.l2
+    }
+
+    /// The penalty of `sums` in f64: `l1 * sum_abs + l2 * sum_squares` over the terms present.
+    pub fn penalty(&self, sums: &Sums) -> f64 {
+        sums.weighted(self.l1, self.l2)
+    }
+}
+
+/// How a gradient reaches its destination.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Update {
+    /// `g = l1 * sign(x) + 2 * l2 * x`.
+    Overwrite,
+    /// `g += scale * (l1 * sign(x) + 2 * l2 * x)`; `scale` must be finite and multiplies the
+    /// gradient only, never the penalty.
+    Accumulate {
+        /// E.g. `1 / batch` or a loss weight.
+        scale: f64,
+    },
+}
+
+/// `sum |x|` and `sum x^2` of one tensor (small ones with no allocation and no pool).
+pub(crate) fn sums_of(x: &ArrayView<'_>) -> Sums {
+    finish(parallel::reduce(x.len(), x.dtype().itemsize(), &|range| {
+        with_element!(x.dtype(), |T| reduce_piece::<T>(x, x.layout(), range))
+    }))
+}
+
+/// `sum |x|` and `sum x^2` of each tensor, in one parallel region; each has the bits of
+/// [`ArrayView::sums`] of that tensor alone.
+pub fn sums_many(xs: &[ArrayView<'_>]) -> Vec<Sums> {
+    let lens: Vec<usize> = xs.iter().map(ArrayView::len).collect();
+    let bytes = xs.iter().map(|x| x.len() * x.dtype().itemsize()).sum();
+    parallel::reduce_many(&lens, bytes, &|index, range| {
+        let x = &xs[index];
+        with_element!(x.dtype(), |T| reduce_piece::<T>(x, x.layout(), range))
+    })
+    .into_iter()
+    .map(finish)
+    .collect()
+}
+
+/// The fused value and gradient: writes the gradient of `factors`' penalty at `x` into `g` (or
+/// adds it, see [`Update`]) and returns the penalty, rounded to `x`'s dtype (exactly the bits of
+/// `x.dtype().round_result(factors.penalty(&x.sums()))`). One pass: `x` is read once and `g`
+/// written once (and read once when accumulating).
+///
+/// The gradient of `|x|` at 0 is 0 (as in PyTorch and TensorFlow; JAX uses 1), NaN stays NaN, and a
+/// term that `factors` leaves out contributes nothing. Each value is computed in f64 with fused
+/// multiply-adds and rounded once to the dtype.
+///
+/// ```
+/// use l1l2_core::{value_and_grad, ArrayView, ArrayViewMut, Factors, Update};
+/// let w = [0.5f32, -2.0, 0.0];
+/// let mut g = [0.0f32; 3];
+/// let factors = Factors::l1l2(0.1, 0.25)?;
+/// let value = value_and_grad(&ArrayView::from_slice(&w), &mut ArrayViewMut::from_slice(&mut g),
+///                            &factors, Update::Overwrite)?;
+/// assert_eq!(value, (0.1f64 * 2.5 + 0.25 * 4.25) as f32 as f64);
+/// assert_eq!(g, [0.1 + 0.25, -0.1 - 1.0, 0.0]);
+/// # Ok::<(), l1l2_core::Error>(())
+/// ```
+pub fn value_and_grad(
+    x: &ArrayView<'_>,
+    g: &mut ArrayViewMut<'_>,
+    factors: &Factors,
+    update: Update,
+) -> Result<f64, Error> {
+    let values = value_and_grad_all(
+        std::slice::from_ref(x),
+        std::slice::from_mut(g),
+        factors,
+        update,
+    )
+    .map_err(|error| error.root().clone())?;
+    Ok(values[0])
+}
+
+/// [`value_and_grad`] of every `xs[i]` into `gs[i]` in one parallel region; the penalties, each
+/// rounded to its tensor's dtype, have the bits of the single calls. Every argument is checked
+/// before anything is written (no destination may share memory with an input or another
+/// destination), so an error leaves every buffer untouched.
+pub fn value_and_grad_many(
+    xs: &[ArrayView<'_>],
+    gs: &mut [ArrayViewMut<'_>],
+    factors: &Factors,
+    update: Update,
+) -> Result<Vec<f64>, Error> {
+    value_and_grad_all(xs, gs, factors, update)
+}
+
+/// The proximal operator of `lr * (l1 * |x| + l2 * x^2)`, in place:
+/// `x <- sign(x) * max(|x| - lr * l1, 0) / (1 + 2 * lr * l2)`, the same as jaxopt's
+/// `prox_elastic_net(x, (l1, 2 * l2 / l1), scaling=lr)`; `l1 = 0` is plain shrinkage. Absent
+/// factors count as 0. `lr` must be finite and non-negative. Computed in f64 (`|x| - lr * l1` and
+/// `1 + 2 * lr * l2` as fused multiply-adds) and rounded once to the dtype.
+pub fn prox(x: &mut ArrayViewMut<'_>, lr: f64, factors: &Factors) -> Result<(), Error> {
+    prox_many(std::slice::from_mut(x), lr, factors).map_err(|error| error.root().clone())
+}
+
+/// [`prox`] of every tensor in one parallel region; all are checked before any is written (no
+/// two may share memory).
+pub fn prox_many(xs: &mut [ArrayViewMut<'_>], lr: f64, factors: &Factors) -> Result<(), Error> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::InvalidArgument {
+            name: "lr",
+            value: lr,
+            expected: "a finite number >= 0",
+        });
+    }
+    for (index, x) in xs.iter().enumerate() {
+        check_float(x.dtype()).map_err(|error| error.in_list(index))?;
+    }
+    let ranges: Vec<Range<usize>> = xs.iter().map(ArrayViewMut::byte_range).collect();
+    check_disjoint(&[], &ranges)?;
+    let math = ProxMath::new(lr, factors);
+    let xs: &[ArrayViewMut<'_>] = xs;
+    let lens: Vec<usize> = xs.iter().map(ArrayViewMut::len).collect();
+    let bytes = xs.iter().map(|x| 2 * x.len() * x.dtype().itemsize()).sum();
+    parallel::reduce_many(&lens, bytes, &|index, range| {
+        let x = &xs[index];
+        with_float!(x.dtype(), |T| prox_range::<T>(x, range, &math), ())
+    });
+    Ok(())
+}
+
+fn value_and_grad_all(
+    xs: &[ArrayView<'_>],
+    gs: &mut [ArrayViewMut<'_>],
+    factors: &Factors,
+    update: Update,
+) -> Result<Vec<f64>, Error> {
+    let scale = match update {
+        Update::Overwrite => None,
+        Update::Accumulate { scale } if scale.is_finite() => Some(scale),
+        Update::Accumulate { scale } => {
+            return Err(Error::InvalidArgument {
+                name: "scale",
+                value: scale,
+                expected: "a finite number",
+            })
+        }
+    };
+    if xs.len() != gs.len() {
+        return Err(Error::LengthMismatch {
+            sources: xs.len(),
+            destinations: gs.len(),
+        });
+    }
+    let mut plans = Vec::with_capacity(xs.len());
+    for (index, (x, g)) in xs.iter().zip(gs.iter()).enumerate() {
+        plans.push(plan(x, g).map_err(|error| error.in_list(index))?);
+    }
+    let sources: Vec<Range<usize>> = xs.iter().map(ArrayView::byte_range).collect();
+    let dests: Vec<Range<usize>> = gs.iter().map(ArrayViewMut::byte_range).collect();
+    check_disjoint(&sources, &dests)?;
+
+    let math = GradMath {
+        l1: factors.l1,
+        l2_twice: factors.l2.map(|l2| 2.0 * l2),
+        scale,
+    };
+    let gs: &[ArrayViewMut<'_>] = gs;
+    let lens: Vec<usize> = xs.iter().map(ArrayView::len).collect();
+    let factor = if scale.is_some() { 3 } else { 2 };
+    let bytes = xs
+        .iter()
+        .map(|x| factor * x.len() * x.dtype().itemsize())
+        .sum();
+    let partials = parallel::reduce_many(&lens, bytes, &|index, range| {
+        let (x, g, plan) = (&xs[index], &gs[index], &plans[index]);
+        with_float!(
+            x.dtype(),
+            |T| grad_piece::<T>(x, g, plan, range, &math),
+            AnyPartial::Empty
+        )
+    });
+    Ok(partials
+        .into_iter()
+        .zip(xs)
+        .map(|(partial, x)| x.dtype().round_result(factors.penalty(&finish(partial))))
+        .collect())
+}
+
+/// How one tensor's gradient is written: the layout of `x` with `g`'s strides carried along, and
+/// whether it walks `x` exactly as `x`'s own layout does (then the gradient is written from inside
+/// the reduction; otherwise in a second walk of the piece, which reads `x` twice).
+struct Plan {
+    paired: Layout,
+    fused: bool,
+}
+
+fn plan(x: &ArrayView<'_>, g: &ArrayViewMut<'_>) -> Result<Plan, Error> {
+    check_float(x.dtype())?;
+    if g.dtype() != x.dtype() {
+        return Err(Error::DTypeMismatch {
+            source: x.dtype(),
+            destination: g.dtype(),
+        });
+    }
+    if g.shape() != x.shape() {
+        return Err(Error::ShapeMismatch {
+            source: x.shape().to_vec(),
+            destination: g.shape().to_vec(),
+        });
+    }
+    let paired = Layout::paired(
+        x.span_len(),
+        x.offset(),
+        x.shape(),
+        x.strides(),
+        g.offset(),
+        g.strides(),
+    )?;
+    let fused = paired.same_walk(x.layout());
+    Ok(Plan { paired, fused })
+}
+
+fn check_float(dtype: DType) -> Result<(), Error> {
+    if dtype.is_float() {
+        Ok(())
+    } else {
+        Err(Error::NotFloat { dtype })
+    }
+}
+
+/// Rejects any destination that shares an address with a source or another destination.
+fn check_disjoint(sources: &[Range<usize>], dests: &[Range<usize>]) -> Result<(), Error> {
+    let mut ranges: Vec<(usize, usize, bool, usize)> = Vec::new();
+    for (is_dest, list) in [(false, sources), (true, dests)] {
+        for (index, range) in list.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            ranges.push((range.start, range.end, is_dest, index));
+        }
+    }
+    ranges.sort_unstable();
+    // Sorted by start: any overlap shows when its later-starting range comes up.
+    let mut dest_end: Option<(usize, usize)> = None;
+    let mut source_end: Option<(usize, usize)> = None;
+    for (start, end, is_dest, index) in ranges {
+        let name = |is_dest: bool, index: usize| {
+            let kind = if is_dest { "destination" } else { "input" };
+            if dests.len() <= 1 {
+                kind.to_string()
+            } else {
+                format!("{kind} {index}")
+            }
+        };
+        if let Some((other_end, other)) = dest_end.filter(|&(other_end, _)| start < other_end) {
+            let _ = other_end;
+            return Err(Error::Overlap {
+                what: format!("{} and {}", name(true, other), name(is_dest, index)),
+            });
+        }
+        if let Some((_, other)) = source_end.filter(|&(other_end, _)| is_dest && start < other_end)
+        {
+            return Err(Error::Overlap {
+                what: format!("{} and {}", name(false, other), name(true, index)),
+            });
+        }
+        let slot = if is_dest {
+            &mut dest_end
+        } else {
+            &mut source_end
+        };
+        if slot.is_none_or(|(other_end, _)| end > other_end) {
+            *slot = Some((end, index));
+        }
+    }
+    Ok(())
+}
+
+fn finish(partial: AnyPartial) -> Sums {
+    let (sum_abs, sum_squares) = partial.finish();
+    Sums {
+        sum_abs,
+        sum_squares,
+    }
+}
+
+/// The partial of the flat range `range` of `x`, walked along `layout`.
+pub(crate) fn reduce_piece<T: Reduce>(
+    x: &ArrayView<'_>,
+    layout: &Layout,
+    range: Range<usize>,
+) -> AnyPartial {
+    layout
+        .reduce_range::<T, NoWrite>(x.span::<T>(), range, &NoWrite)
+        .into()
+}
+
+fn grad_piece<T: Float + Reduce>(
+    x: &ArrayView<'_>,
+    g: &ArrayViewMut<'_>,
+    plan: &Plan,
+    range: Range<usize>,
+    math: &GradMath,
+) -> AnyPartial {
+    let writer = GradWriter {
+        base: g.base::<T>(),
+        math: *math,
+    };
+    let span = x.span::<T>();
+    if plan.fused {
+        return plan.paired.reduce_range(span, range, &writer).into();
+    }
+    let partial = x.layout().reduce_range(span, range.clone(), &NoWrite);
+    let (stride, dest_stride) = (plan.paired.row_stride(), plan.paired.row_dest());
+    plan.paired
+        .for_each_row_piece(range, |first, count, dest_first| {
+            if stride == 0 {
+                // A broadcast row: one source element for the whole piece.
+                let run = &span[first..=first];
+                for j in 0..count as isize {
+                    writer.row(dest_first + j * dest_stride, 1, 1).visit(0, run);
+                }
+                return;
+            }
+            let run = &span[first..=first + (count - 1) * stride];
+            writer.row(dest_first, dest_stride, stride).visit(0, run);
+        });
+    partial.into()
+}
+
+/// The gradient of the penalty, element by element. `l2_twice` is `2 * l2` (exact);
+/// `scale` is `Some` when accumulating.
+#[derive(Clone, Copy, Debug)]
+struct GradMath {
+    l1: Option<f64>,
+    l2_twice: Option<f64>,
+    scale: Option<f64>,
+}
+
+/// `sign(x)`: 0 at ±0, NaN for NaN.
+#[inline(always)]
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+impl GradMath {
+    /// Writes (or adds) the gradient at `xs` into `gs`: one loop per combination of terms, so
+    /// that each vectorises.
+    #[inline(always)]
+    fn apply<T: Float>(&self, xs: &[T], gs: &mut [T]) {
+        match (self.l1, self.l2_twice) {
+            (Some(l1), Some(l2)) => self.update(xs, gs, |x| l2.mul_add(x, l1 * sign(x))),
+            (Some(l1), None) => self.update(xs, gs, |x| l1 * sign(x)),
+            (None, Some(l2)) => self.update(xs, gs, |x| l2 * x),
+            (None, None) => self.update(xs, gs, |_| 0.0),
+        }
+    }
+
+    #[inline(always)]
+    fn update<T: Float>(&self, xs: &[T], gs: &mut [T], term: impl Fn(f64) -> f64) {
+        match self.scale {
+            None => {
+                for (g, x) in gs.iter_mut().zip(xs) {
+                    *g = T::narrow(term(x.widen()));
+                }
+            }
+            Some(scale) => {
+                for (g, x) in gs.iter_mut().zip(xs) {
+                    *g = T::narrow(scale.mul_add(term(x.widen()), g.widen()));
+                }
+            }
+        }
+    }
+}
+
+/// Writes gradients into a destination tensor; shared by the threads of one call.
+struct GradWriter<T> {
+    /// The first element of the destination's span.
+    base: *mut T,
+    math: GradMath,
+}
+
+// SAFETY: the threads of one call write disjoint elements: every flat index belongs to one piece,
+// the destination's layout is one-to-one (`ArrayViewMut` checks it) and no destination shares
+// memory with a source or another destination (`check_disjoint`).
+unsafe impl<T> Sync for GradWriter<T> {}
+
+impl<T: Float> RowWriter<T> for GradWriter<T> {
+    type Sink<'s>
+        = GradRow<'s, T>
+    where
+        Self: 's;
+
+    #[inline(always)]
+    fn row(&self, dest_first: isize, dest_stride: isize, step: usize) -> GradRow<'_, T> {
+        GradRow {
+            dest: self.base.wrapping_offset(dest_first),
+            stride: dest_stride,
+            step,
+            math: &self.math,
+        }
+    }
+}
+
+/// The destination of one row piece: element `j` of the piece goes to `dest + j * stride`.
+struct GradRow<'w, T> {
+    dest: *mut T,
+    stride: isize,
+    step: usize,
+    math: &'w GradMath,
+}
+
+impl<T: Float> RunSink<T> for GradRow<'_, T> {
+    #[inline(always)]
+    fn visit(&mut self, start: usize, values: &[T]) {
+        if self.step == 1 && self.stride == 1 {
+            // SAFETY: elements `start..start + values.len()` of this piece are in the destination's
+            // span (its layout was validated with the source's shape); no other thread and no
+            // source touches them (see `GradWriter`'s Sync).
+            let gs = unsafe { std::slice::from_raw_parts_mut(self.dest.add(start), values.len()) };
+            return self.math.apply(values, gs);
+        }
+        // The run's element `i` belongs to the piece when `i % step == 0`, as element `i / step`.
+        let skip = (self.step - start % self.step) % self.step;
+        for k in (skip..values.len()).step_by(self.step) {
+            let j = ((start + k) / self.step) as isize;
+            // SAFETY: as above, for the piece's element `j`.
+            let g = unsafe { &mut *self.dest.offset(j * self.stride) };
+            self.math
+                .apply(std::slice::from_ref(&values[k]), std::slice::from_mut(g));
+        }
+    }
+}
+
+/// The proximal step, element by element.
+#[derive(Clone, Copy, Debug)]
+struct ProxMath {
+    lr: f64,
+    l1: f64,
+    /// `1 + 2 * lr * l2`, rounded once.
+    denominator: f64,
+}
+
+impl ProxMath {
+    fn new(lr: f64, factors: &Factors) -> Self {
+        Self {
+            lr,
+            l1: factors.l1.unwrap_or(0.0),
+            denominator: (2.0 * lr).mul_add(factors.l2.unwrap_or(0.0), 1.0),
+        }
+    }
+
+    #[inline(always)]
+    fn apply<T: Float>(&self, xs: &mut [T]) {
+        for value in xs {
+            let x = value.widen();
+            let shrunk = (-self.lr).mul_add(self.l1, x.abs()); // |x| - lr * l1, rounded once
+            let kept = if shrunk < 0.0 { 0.0 } else { shrunk }; // NaN stays NaN
+            *value = T::narrow((kept / self.denominator).copysign(x));
+        }
+    }
+}
+
+/// The prox step over a contiguous run, on the best ISA (for its fused multiply-adds).
+struct ProxRun<'a, T> {
+    values: &'a mut [T],
+    math: &'a ProxMath,
+}
+
+impl<T: Float> Kernel for ProxRun<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<I: Target>(self) {
+        self.math.apply(self.values);
+    }
+}
+
+fn prox_range<T: Float>(x: &ArrayViewMut<'_>, range: Range<usize>, math: &ProxMath) {
+    let base = x.base::<T>();
+    let stride = x.layout().row_stride();
+    x.layout().for_each_row_piece(range, |first, count, _| {
+        if stride == 1 {
+            // SAFETY: the piece's `count` elements from `first` are in the view's span, which the
+            // view borrows exclusively; no other thread's piece shares an address (the layout is
+            // one-to-one, pieces are disjoint).
+            let values = unsafe { std::slice::from_raw_parts_mut(base.add(first), count) };
+            return dispatch(ProxRun { values, math });
+        }
+        for j in 0..count {
+            // SAFETY: as above, for the piece's element `j`.
+            let value = unsafe { &mut *base.add(first + j * stride) };
+            math.apply(std::slice::from_mut(value));
+        }
+    });
+}

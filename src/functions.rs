@@ -1,0 +1,279 @@
+//! The module's functions: each converts its arguments into core views, runs the core with the GIL
+//! released (for inputs large enough for that to pay) and converts the result.
+
+use l1l2_core::{ArrayView, ArrayViewMut, Error, Factors, Update};
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::arrays::{items, new_like, penalty_scalar, read_view, write_view};
+use crate::errors::{to_py, Names, MANY, SINGLE};
+
+/// Below this many elements the call is over before releasing the GIL would pay off.
+const DETACH_MIN_LEN: usize = 1 << 13;
+
+/// Runs `work` with the GIL released, unless the input is too small for that to pay.
+fn detach_if_large<R: Send>(py: Python<'_>, len: usize, work: impl FnOnce() -> R + Send) -> R {
+    if len >= DETACH_MIN_LEN {
+        py.detach(work)
+    } else {
+        work()
+    }
+}
+
+fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
+    Factors::new(l1, l2).map_err(|error| to_py(error, SINGLE))
+}
+
+fn update(accumulate: bool, scale: f64, out_given: bool) -> PyResult<Update> {
+    match (accumulate, out_given) {
+        (false, _) => Ok(Update::Overwrite),
+        (true, true) => Ok(Update::Accumulate { scale }),
+        (true, false) => Err(PyValueError::new_err(
+            "l1l2_rs: accumulate=True adds into an existing gradient: pass it as out=",
+        )),
+    }
+}
+
+/// `(sum(|x|), sum(x**2))` of an array, as Python floats computed in float64.
+#[pyfunction]
+pub(crate) fn sums(x: &Bound<'_, PyAny>) -> PyResult<(f64, f64)> {
+    let view = read_view(x)?;
+    let sums = detach_if_large(x.py(), view.len(), || view.sums());
+    Ok((sums.sum_abs, sums.sum_squares))
+}
+
+/// `l1 * sum(|x|) + l2 * sum(x**2)` with `None` terms left out, as a numpy scalar of the input's
+/// float dtype (float64 for integer and bool input), rounded once from float64.
+#[pyfunction]
+#[pyo3(signature = (x, l1, l2))]
+pub(crate) fn penalty<'py>(
+    x: &Bound<'py, PyAny>,
+    l1: Option<f64>,
+    l2: Option<f64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let factors = factors(l1, l2)?;
+    let view = read_view(x)?;
+    let sums = detach_if_large(x.py(), view.len(), || view.sums());
+    let dtype = view.dtype();
+    penalty_scalar(x, dtype, dtype.round_result(factors.penalty(&sums)))
+}
+
+/// The penalty (as `penalty`) and its gradient, written into `out` (a new array like `x` when
+/// `None`), or added to it, times `scale`, with `accumulate`.
+#[pyfunction]
+#[pyo3(signature = (x, l1, l2, out=None, accumulate=false, scale=1.0))]
+pub(crate) fn value_and_grad<'py>(
+    x: &Bound<'py, PyAny>,
+    l1: Option<f64>,
+    l2: Option<f64>,
+    out: Option<Bound<'py, PyAny>>,
+    accumulate: bool,
+    scale: f64,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let factors = factors(l1, l2)?;
+    let update = update(accumulate, scale, out.is_some())?;
+    let view = read_view(x)?;
+    let out = match out {
+        Some(out) => out,
+        None => {
+            check_float(&view).map_err(|error| to_py(error, SINGLE))?;
+            new_like(x)?
+        }
+    };
+    let mut grad = write_view(&out, "out")?;
+    let value = detach_if_large(x.py(), view.len(), || {
+        l1l2_core::value_and_grad(&view, &mut grad, &factors, update)
+    })
+    .map_err(|error| to_py(error, SINGLE))?;
+    drop(grad);
+    let dtype = view.dtype();
+    Ok((penalty_scalar(x, dtype, value)?, out))
+}
+
+/// Refuses an input that has no float dtype to write a gradient in (before allocating one).
+fn check_float(view: &ArrayView<'_>) -> Result<(), Error> {
+    if view.dtype().is_float() {
+        Ok(())
+    } else {
+        Err(Error::NotFloat {
+            dtype: view.dtype(),
+        })
+    }
+}
+
+/// The proximal step of the penalty with learning rate `lr`, in place; returns `x`.
+#[pyfunction]
+#[pyo3(signature = (x, lr, l1, l2))]
+pub(crate) fn prox_<'py>(
+    x: &Bound<'py, PyAny>,
+    lr: f64,
+    l1: Option<f64>,
+    l2: Option<f64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let factors = factors(l1, l2)?;
+    let mut view = write_view(x, "x")?;
+    detach_if_large(x.py(), view.len(), || {
+        l1l2_core::prox(&mut view, lr, &factors)
+    })
+    .map_err(|error| to_py(error, SINGLE))?;
+    Ok(x.clone())
+}
+
+fn read_views<'a>(arrays: &'a [Bound<'_, PyAny>]) -> PyResult<Vec<ArrayView<'a>>> {
+    arrays.iter().map(|array| read_view(array)).collect()
+}
+
+fn write_views<'a>(arrays: &'a [Bound<'_, PyAny>], name: &str) -> PyResult<Vec<ArrayViewMut<'a>>> {
+    arrays
+        .iter()
+        .enumerate()
+        .map(|(index, array)| write_view(array, &format!("{name}[{index}]")))
+        .collect()
+}
+
+fn total_len<V>(views: &[V], len: impl Fn(&V) -> usize) -> usize {
+    views.iter().map(len).sum()
+}
+
+/// `sums` of every array of `xs`, in one call: a list of `(sum(|x|), sum(x**2))`.
+#[pyfunction]
+pub(crate) fn sums_many(xs: &Bound<'_, PyAny>) -> PyResult<Vec<(f64, f64)>> {
+    let arrays = items(xs, "xs")?;
+    let views = read_views(&arrays)?;
+    let len = total_len(&views, ArrayView::len);
+    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views));
+    Ok(sums.iter().map(|s| (s.sum_abs, s.sum_squares)).collect())
+}
+
+/// The sum, in list order, of the penalties of `xs` (each rounded to its array's dtype first).
+#[pyfunction]
+#[pyo3(signature = (xs, l1, l2))]
+pub(crate) fn penalty_many(
+    xs: &Bound<'_, PyAny>,
+    l1: Option<f64>,
+    l2: Option<f64>,
+) -> PyResult<f64> {
+    let factors = factors(l1, l2)?;
+    let arrays = items(xs, "xs")?;
+    let views = read_views(&arrays)?;
+    let len = total_len(&views, ArrayView::len);
+    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views));
+    Ok(views
+        .iter()
+        .zip(&sums)
+        .map(|(view, sums)| view.dtype().round_result(factors.penalty(sums)))
+        .sum())
+}
+
+/// `value_and_grad` of every array of `xs` in one call: `(total penalty, gradients)`.
+#[pyfunction]
+#[pyo3(signature = (xs, l1, l2, outs=None, accumulate=false, scale=1.0))]
+pub(crate) fn value_and_grad_many<'py>(
+    xs: &Bound<'py, PyAny>,
+    l1: Option<f64>,
+    l2: Option<f64>,
+    outs: Option<Bound<'py, PyAny>>,
+    accumulate: bool,
+    scale: f64,
+) -> PyResult<(f64, Bound<'py, PyList>)> {
+    let factors = factors(l1, l2)?;
+    let update = update(accumulate, scale, outs.is_some())?;
+    let arrays = items(xs, "xs")?;
+    let views = read_views(&arrays)?;
+    let outs = match outs {
+        Some(outs) => items(&outs, "outs")?,
+        None => {
+            for (index, view) in views.iter().enumerate() {
+                check_float(view).map_err(|error| to_py(error.in_list(index), MANY))?;
+            }
+            arrays
+                .iter()
+                .map(|x| new_like(x))
+                .collect::<PyResult<_>>()?
+        }
+    };
+    let mut grads = write_views(&outs, "outs")?;
+    let len = total_len(&views, ArrayView::len);
+    let values = detach_if_large(xs.py(), len, || {
+        l1l2_core::value_and_grad_many(&views, &mut grads, &factors, update)
+    })
+    .map_err(|error| to_py(error, MANY))?;
+    drop(grads);
+    Ok((values.iter().sum(), PyList::new(xs.py(), outs)?))
+}
+
+/// `prox_` of every array of `xs` in one call; returns `xs`.
+#[pyfunction]
+#[pyo3(signature = (xs, lr, l1, l2))]
+pub(crate) fn prox_many_<'py>(
+    xs: &Bound<'py, PyAny>,
+    lr: f64,
+    l1: Option<f64>,
+    l2: Option<f64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let factors = factors(l1, l2)?;
+    let arrays = items(xs, "xs")?;
+    let mut views = write_views(&arrays, "xs")?;
+    let len = total_len(&views, ArrayViewMut::len);
+    detach_if_large(xs.py(), len, || {
+        l1l2_core::prox_many(&mut views, lr, &factors)
+    })
+    .map_err(|error| {
+        to_py(
+            error,
+            Names {
+                output: "xs",
+                ..MANY
+            },
+        )
+    })?;
+    Ok(xs.clone())
+}
+
+/// Benchmark roofline: reads every byte of a C-contiguous array once (XOR of its 8-byte words)
+/// through the same call path, chunking and pool as `sums`. Not part of the public API.
+#[pyfunction]
+pub(crate) fn _read_probe(array: &Bound<'_, PyUntypedArray>) -> PyResult<u64> {
+    if !array.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "_read_probe needs a C-contiguous array",
+        ));
+    }
+    let nbytes = array.len() * array.dtype().itemsize();
+    if nbytes == 0 {
+        return Ok(0);
+    }
+    // SAFETY: `as_array_ptr` points at the live array object `array` borrows.
+    let data = unsafe { (*array.as_array_ptr()).data } as *const u8;
+    let skip = data.align_offset(8).min(nbytes);
+    let words = (nbytes - skip) / 8;
+    // SAFETY: a C-contiguous array's `nbytes` bytes at `data` are readable and stay alive while
+    // `array` is borrowed; `data + skip` is 8-aligned and `skip + 8 * words <= nbytes`; every bit
+    // pattern is a valid u64.
+    let slice = unsafe { std::slice::from_raw_parts(data.add(skip).cast::<u64>(), words) };
+    Ok(array.py().detach(|| l1l2_core::probe::read_probe(slice)))
+}
+
+/// Sets the thread count for large inputs; 0 restores the default.
+#[pyfunction]
+pub(crate) fn set_num_threads(threads: usize) {
+    l1l2_core::set_num_threads(threads);
+}
+
+/// The thread count large inputs are reduced with.
+#[pyfunction]
+pub(crate) fn get_num_threads() -> usize {
+    l1l2_core::num_threads()
+}
+
+/// The SIMD instruction set the kernels use on this CPU: "avx512", "avx2" or "baseline".
+#[pyfunction]
+pub(crate) fn simd_isa() -> &'static str {
+    match l1l2_core::isa() {
+        l1l2_core::Isa::Avx512 => "avx512",
+        l1l2_core::Isa::Avx2 => "avx2",
+        l1l2_core::Isa::Baseline => "baseline",
+    }
+}
