@@ -60,8 +60,24 @@ pub(crate) fn read_view<'a>(x: &'a Bound<'_, PyAny>) -> PyResult<ArrayView<'a>> 
         .map_err(|error| to_py(error, SINGLE))
 }
 
-/// `x` as a writable view; `name` is the argument's name for messages.
-pub(crate) fn write_view<'a>(x: &'a Bound<'_, PyAny>, name: &str) -> PyResult<ArrayViewMut<'a>> {
+/// An argument's name for messages: `x`, or `outs[3]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Arg<'n> {
+    pub name: &'n str,
+    pub index: Option<usize>,
+}
+
+impl std::fmt::Display for Arg<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(index) => write!(f, "{}[{index}]", self.name),
+            None => f.write_str(self.name),
+        }
+    }
+}
+
+/// `x` as a writable view; `name` names the argument in messages.
+pub(crate) fn write_view<'a>(x: &'a Bound<'_, PyAny>, name: Arg<'_>) -> PyResult<ArrayViewMut<'a>> {
     let array = x.cast::<PyUntypedArray>().map_err(|_| {
         PyTypeError::new_err(format!(
             "l1l2_rs: {name} is written in place, so it must be a numpy array, got {}",

@@ -46,9 +46,10 @@ pub(crate) fn to_py(error: Error, names: Names) -> PyErr {
             source,
             destination,
         } => format!("{output} has shape {destination:?} but {input} has shape {source:?}"),
-        Error::Overlap { what } => {
-            format!("{what} share memory ({output} must not overlap {input} or another {output})")
-        }
+        Error::Overlap { .. } => format!(
+            "{root}: {output} must not share memory with {input} or another {output} (checked by \
+             address range, so interleaved views such as a[::2] and a[1::2] count as sharing)"
+        ),
         Error::BroadcastDestination | Error::SelfOverlappingDestination => {
             format!("cannot write through this view: {root}")
         }

@@ -7,7 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::arrays::{items, new_like, penalty_scalar, read_view, write_view};
+use crate::arrays::{items, new_like, penalty_scalar, read_view, write_view, Arg};
 use crate::errors::{to_py, Names, MANY, SINGLE};
 
 /// Below this many elements the call is over before releasing the GIL would pay off.
@@ -82,7 +82,13 @@ pub(crate) fn value_and_grad<'py>(
             new_like(x)?
         }
     };
-    let mut grad = write_view(&out, "out")?;
+    let mut grad = write_view(
+        &out,
+        Arg {
+            name: "out",
+            index: None,
+        },
+    )?;
     let value = detach_if_large(x.py(), view.len(), || {
         l1l2_core::value_and_grad(&view, &mut grad, &factors, update)
     })
@@ -113,7 +119,13 @@ pub(crate) fn prox_<'py>(
     l2: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let factors = factors(l1, l2)?;
-    let mut view = write_view(x, "x")?;
+    let mut view = write_view(
+        x,
+        Arg {
+            name: "x",
+            index: None,
+        },
+    )?;
     detach_if_large(x.py(), view.len(), || {
         l1l2_core::prox(&mut view, lr, &factors)
     })
@@ -129,7 +141,10 @@ fn write_views<'a>(arrays: &'a [Bound<'_, PyAny>], name: &str) -> PyResult<Vec<A
     arrays
         .iter()
         .enumerate()
-        .map(|(index, array)| write_view(array, &format!("{name}[{index}]")))
+        .map(|(index, array)| {
+            let index = Some(index);
+            write_view(array, Arg { name, index })
+        })
         .collect()
 }
 

@@ -171,7 +171,7 @@ impl Float for f16 {
     }
     #[inline(always)]
     fn narrow(value: f64) -> Self {
-        f16::from_f64(round_f16(value)) // exact: the value is already representable
+        f16::from_f32(round_to_odd_f32(value))
     }
     #[inline(always)]
     fn widen_abs_step<I: Target>(step: &[Self]) -> [f64; LANES] {
@@ -203,8 +203,7 @@ impl Float for bf16 {
     }
     #[inline(always)]
     fn narrow(value: f64) -> Self {
-        // Exact: the rounded value is a bf16, so its f32 has 16 zero low bits.
-        bf16::from_bits((((round_bf16(value) as f32).to_bits()) >> 16) as u16)
+        bf16::from_f32(round_to_odd_f32(value))
     }
     #[inline(always)]
     fn widen_abs(self) -> f64 {
@@ -212,35 +211,29 @@ impl Float for bf16 {
     }
 }
 
-/// Correctly rounds `value` to a binary format with `precision` significand bits (implicit bit
-/// included), smallest normal exponent `min_exp` and largest finite value `max_finite`.
-/// (`half`'s f64 conversions round twice or drop sticky bits.)
-fn round_to_format(value: f64, precision: i32, min_exp: i32, max_finite: f64) -> f64 {
-    if !value.is_finite() || value == 0.0 {
-        return value;
+/// `value` rounded to f32 toward zero, with the last bit set if that was inexact ("round to odd").
+/// Rounding that once more, to nearest even, to a format of at most 22 significand bits (f16,
+/// bf16) gives the correctly rounded result (Boldo and Melquiond, 2008): two fast hardware
+/// conversions instead of one exact software rounding.
+#[inline(always)]
+fn round_to_odd_f32(value: f64) -> f32 {
+    let nearest = value as f32;
+    let bits = nearest.to_bits();
+    let widened = f64::from(nearest);
+    if widened == value || value.is_nan() {
+        return nearest;
     }
-    // The f64 exponent, clamped to the format's subnormal range (f64 subnormals land there too).
-    let biased = ((value.to_bits() >> 52) & 0x7ff) as i32;
-    let exp = (biased - 1023).max(min_exp);
-    let ulp = 2f64.powi(exp - (precision - 1));
-    let rounded = (value / ulp).round_ties_even() * ulp;
-    if rounded.abs() > max_finite {
-        f64::INFINITY.copysign(value)
+    // `nearest` is inexact: step back toward zero if it rounded away, then make the last bit odd.
+    let truncated = if widened.abs() > value.abs() {
+        bits - 1
     } else {
-        rounded
-    }
-}
-
-fn round_f16(value: f64) -> f64 {
-    round_to_format(value, 11, -14, 65504.0)
-}
-
-fn round_bf16(value: f64) -> f64 {
-    round_to_format(value, 8, -126, f64::from(f32::from_bits(0x7f7f_0000)))
+        bits
+    };
+    f32::from_bits(truncated | 1)
 }
 
 macro_rules! impl_float_reduce {
-    ($($ty:ty => $round:expr),* $(,)?) => {$(
+    ($($ty:ty),* $(,)?) => {$(
         impl Reduce for $ty {
             type Partial = FloatPartial;
             #[inline]
@@ -249,18 +242,13 @@ macro_rules! impl_float_reduce {
             }
             #[inline]
             fn round_result(value: f64) -> f64 {
-                $round(value)
+                <$ty as Float>::narrow(value).widen()
             }
         }
     )*};
 }
 
-impl_float_reduce!(
-    f64 => |v| v,
-    f32 => |v: f64| f64::from(v as f32), // `as` rounds correctly
-    f16 => round_f16,
-    bf16 => round_bf16,
-);
+impl_float_reduce!(f64, f32, f16, bf16);
 
 /// `|x|` of an integer as u64 (exact, also for `i64::MIN`).
 pub(crate) trait Magnitude: Copy {
@@ -354,6 +342,11 @@ mod tests {
         assert_eq!(<bf16 as Reduce>::round_result(v), 1.0 + 2f64.powi(-7));
         assert_eq!(<bf16 as Reduce>::round_result(1.0 + 2f64.powi(-8)), 1.0);
         assert_eq!(<bf16 as Reduce>::round_result(1e39), f64::INFINITY);
+        // Just above the largest bf16 rounding boundary, and f64 values beyond f32 range.
+        assert_eq!(<bf16 as Reduce>::round_result(3.3963e38), f64::INFINITY);
+        assert_eq!(<f16 as Reduce>::round_result(-1e300), f64::NEG_INFINITY);
+        assert_eq!(<f16 as Reduce>::round_result(1e-300), 0.0);
+        assert!(<bf16 as Reduce>::round_result(f64::NAN).is_nan());
     }
 
     #[test]

@@ -42,7 +42,9 @@ pub enum Error {
     BroadcastDestination,
     /// A destination's strides make different elements share memory.
     SelfOverlappingDestination,
-    /// A destination shares memory with a source or another destination.
+    /// A destination's memory range (from its lowest to its highest addressed byte) overlaps that
+    /// of a source or another destination. (Conservative: interleaved views such as `x[::2]` and
+    /// `x[1::2]` count as overlapping.)
     Overlap {
         /// What overlaps, e.g. "out and x".
         what: String,
@@ -142,7 +144,7 @@ impl fmt::Display for Error {
                 f,
                 "destination's strides make different elements share memory"
             ),
-            Self::Overlap { what } => write!(f, "{what} share memory"),
+            Self::Overlap { what } => write!(f, "the memory ranges of {what} overlap"),
             Self::ShapeMismatch {
                 source,
                 destination,

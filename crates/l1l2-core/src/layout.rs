@@ -210,17 +210,15 @@ impl Layout {
     /// Whether `self` (a paired layout) walks the source exactly as `own` (the source's own
     /// layout) does: then a reduction over it gives the bits of the source's own reduction.
     pub(crate) fn same_walk(&self, own: &Layout) -> bool {
-        let source_dims = |layout: &Layout| -> Vec<(usize, usize)> {
-            layout
-                .outer
-                .iter()
-                .map(|dim| (dim.len, dim.stride))
-                .collect()
-        };
         self.offset == own.offset
             && self.row_len == own.row_len
             && self.row_stride == own.row_stride
-            && source_dims(self) == source_dims(own)
+            && self.outer.len() == own.outer.len()
+            && self
+                .outer
+                .iter()
+                .zip(&own.outer)
+                .all(|(a, b)| (a.len, a.stride) == (b.len, b.stride))
     }
 
     /// The lowest and one past the highest element index the layout addresses (empty for an

@@ -220,11 +220,7 @@ fn value_and_grad_all(
     let dests: Vec<Range<usize>> = gs.iter().map(ArrayViewMut::byte_range).collect();
     check_disjoint(&sources, &dests)?;
 
-    let math = GradMath {
-        l1: factors.l1,
-        l2_twice: factors.l2.map(|l2| 2.0 * l2),
-        scale,
-    };
+    let math = GradMath::new(factors, scale);
     let gs: &[ArrayViewMut<'_>] = gs;
     let lens: Vec<usize> = xs.iter().map(ArrayView::len).collect();
     let factor = if scale.is_some() { 3 } else { 2 };
@@ -304,7 +300,7 @@ fn check_disjoint(sources: &[Range<usize>], dests: &[Range<usize>]) -> Result<()
     for (start, end, is_dest, index) in ranges {
         let name = |is_dest: bool, index: usize| {
             let kind = if is_dest { "destination" } else { "input" };
-            if dests.len() <= 1 {
+            if dests.len() <= 1 && sources.len() <= 1 {
                 kind.to_string()
             } else {
                 format!("{kind} {index}")
@@ -386,13 +382,26 @@ fn grad_piece<T: Float + Reduce>(
     partial.into()
 }
 
-/// The gradient of the penalty, element by element. `l2_twice` is `2 * l2` (exact);
-/// `scale` is `Some` when accumulating.
+/// The gradient of the penalty, element by element: `l1 * sign(x) + l2_twice * x` over the terms
+/// present. When accumulating, `scale` is folded into the factors first (`l1` and `l2_twice` are
+/// then `scale * l1` and `scale * 2 * l2`, each rounded once), so that a gradient whose scaled
+/// value is finite never overflows on the way.
 #[derive(Clone, Copy, Debug)]
 struct GradMath {
     l1: Option<f64>,
     l2_twice: Option<f64>,
-    scale: Option<f64>,
+    accumulate: bool,
+}
+
+impl GradMath {
+    fn new(factors: &Factors, scale: Option<f64>) -> Self {
+        let scaled = |factor: f64| scale.map_or(factor, |scale| scale * factor);
+        Self {
+            l1: factors.l1.map(scaled),
+            l2_twice: factors.l2.map(|l2| scaled(2.0 * l2)),
+            accumulate: scale.is_some(),
+        }
+    }
 }
 
 /// `sign(x)`: 0 at ±0, NaN for NaN.
@@ -409,7 +418,7 @@ fn sign(x: f64) -> f64 {
 
 impl GradMath {
     /// Writes (or adds) the gradient at `xs` into `gs`: one loop per combination of terms, so
-    /// that each vectorises.
+    /// that each vectorises. Each term is one fused multiply-add, rounded once in f64.
     #[inline(always)]
     fn apply<T: Float>(&self, xs: &[T], gs: &mut [T]) {
         match (self.l1, self.l2_twice) {
@@ -422,16 +431,13 @@ impl GradMath {
 
     #[inline(always)]
     fn update<T: Float>(&self, xs: &[T], gs: &mut [T], term: impl Fn(f64) -> f64) {
-        match self.scale {
-            None => {
-                for (g, x) in gs.iter_mut().zip(xs) {
-                    *g = T::narrow(term(x.widen()));
-                }
+        if self.accumulate {
+            for (g, x) in gs.iter_mut().zip(xs) {
+                *g = T::narrow(g.widen() + term(x.widen()));
             }
-            Some(scale) => {
-                for (g, x) in gs.iter_mut().zip(xs) {
-                    *g = T::narrow(scale.mul_add(term(x.widen()), g.widen()));
-                }
+        } else {
+            for (g, x) in gs.iter_mut().zip(xs) {
+                *g = T::narrow(term(x.widen()));
             }
         }
     }
