@@ -8,11 +8,13 @@ Method: for each (dtype, size, layout) the candidates are timed *interleaved*: e
 calls each candidate once (many calls per sample for small sizes), so that frequency changes and
 noisy neighbours hit every candidate alike; the figure is the median over the rounds.
 
-Roofline: ``l1l2_rs._l1l2_rs._read_probe(x)`` XORs every 8-byte word of the buffer through the same
-call path, chunking and thread pool as the penalty. XOR costs one vector instruction per 16-64 bytes
-(compiled per ISA like the kernels, and read from the first 64-byte boundary on), so the probe runs
-at what the memory (or cache) delivers to these threads plus one extension call:
-no one-pass penalty in an extension can be faster. "x roofline" is time / probe time.
+Roofline, in a build with the ``probe`` feature (``MATURIN_PEP517_ARGS="--features probe" pip
+install .``; without it the column is left out): ``l1l2_rs._l1l2_rs._read_probe(x)`` XORs every
+8-byte word of the buffer through the same call path, chunking and thread pool as the penalty.
+XOR costs one vector instruction per 16-64 bytes (compiled per ISA like the kernels, and read from
+the first 64-byte boundary on), so the probe runs at what the memory (or cache) delivers to these
+threads plus one extension call: no one-pass penalty in an extension can be faster.
+"x roofline" is time / probe time.
 
 BLAS: the run holds BLAS (numpy's dot) to one thread with threadpoolctl. OpenBLAS' idle threads
 spin for a long while after each call, and on a 2-core machine they would slow down whatever
@@ -85,8 +87,9 @@ def candidates(x: np.ndarray, contiguous: bool) -> dict[str, Candidate]:
         flat = x.reshape(-1) if contiguous else None
         if flat is not None:
             table["numpy abs+dot"] = lambda: L1 * np.abs(flat).sum() + L2 * np.dot(flat, flat)
-    if contiguous:
-        table["roofline"] = lambda: _l1l2_rs._read_probe(x)
+    read_probe = getattr(_l1l2_rs, "_read_probe", None)
+    if contiguous and read_probe is not None:
+        table["roofline"] = lambda: read_probe(x)
     if contiguous:
         table.update(optional_candidates(x))
     return table

@@ -10,9 +10,8 @@ use pyo3::types::PyList;
 
 use crate::errors::{to_py, NotReadable, SINGLE};
 
-/// The core's type of a native-byte-order numpy dtype, or a `TypeError` naming the dtype.
-fn dtype_of(array: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
-    let descr = array.dtype();
+/// The core's type of a numpy dtype, or a `TypeError` naming the dtype.
+fn dtype_of(descr: &Bound<'_, PyArrayDescr>) -> PyResult<DType> {
     let name = if descr.kind() == b'V' {
         descr.getattr("name")?.extract::<String>()?
     } else {
@@ -28,9 +27,9 @@ fn dtype_of(array: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
 
 /// Whether the core can address the array's memory as it is: native byte order, aligned, byte
 /// strides a multiple of the item size.
-fn addressable(array: &Bound<'_, PyUntypedArray>) -> bool {
-    let itemsize = array.dtype().itemsize() as isize;
-    array.dtype().is_native_byteorder().unwrap_or(true)
+fn addressable(array: &Bound<'_, PyUntypedArray>, descr: &Bound<'_, PyArrayDescr>) -> bool {
+    let itemsize = descr.itemsize() as isize;
+    descr.is_native_byteorder().unwrap_or(true)
         && array.is_aligned()
         && array.strides().iter().all(|stride| stride % itemsize == 0)
 }
@@ -46,8 +45,9 @@ pub(crate) fn read_view<'a>(x: &'a Bound<'_, PyAny>) -> PyResult<ArrayView<'a>> 
     let array = x
         .cast::<PyUntypedArray>()
         .map_err(|_| NotReadable::new_err("not a numpy array"))?;
-    let dtype = dtype_of(array)?;
-    if !addressable(array) {
+    let descr = array.dtype();
+    let dtype = dtype_of(&descr)?;
+    if !addressable(array, &descr) {
         return Err(NotReadable::new_err(
             "byte-swapped, unaligned or oddly strided",
         ));
@@ -84,7 +84,8 @@ pub(crate) fn write_view<'a>(x: &'a Bound<'_, PyAny>, name: Arg<'_>) -> PyResult
             x.get_type()
         ))
     })?;
-    let dtype = dtype_of(array)?;
+    let descr = array.dtype();
+    let dtype = dtype_of(&descr)?;
     // SAFETY: as in `data_pointer`.
     let flags = unsafe { (*array.as_array_ptr()).flags };
     if flags & npyffi::NPY_ARRAY_WRITEABLE == 0 {
@@ -92,7 +93,7 @@ pub(crate) fn write_view<'a>(x: &'a Bound<'_, PyAny>, name: Arg<'_>) -> PyResult
             "l1l2_rs: {name} is read-only (its WRITEABLE flag is False)"
         )));
     }
-    if !addressable(array) {
+    if !addressable(array, &descr) {
         return Err(PyValueError::new_err(format!(
             "l1l2_rs: {name} must be aligned and in native byte order to be written in place \
              (dtype {})",

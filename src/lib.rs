@@ -9,6 +9,8 @@
 mod arrays;
 mod errors;
 mod functions;
+#[cfg(feature = "probe")]
+mod probe;
 
 use pyo3::prelude::*;
 
@@ -25,7 +27,8 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::simd_isa, m)?)?;
-    m.add_function(wrap_pyfunction!(functions::_read_probe, m)?)?;
+    #[cfg(feature = "probe")]
+    m.add_function(wrap_pyfunction!(probe::_read_probe, m)?)?;
     m.add("NotReadable", m.py().get_type::<errors::NotReadable>())?;
     m.add("CHUNK_LEN", l1l2_core::parallel::CHUNK)?;
     m.add(

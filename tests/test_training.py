@@ -24,7 +24,6 @@ The accuracy rule of the spec, as implemented by the ``expected_*`` builders:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -1461,22 +1460,3 @@ def test_keras_variables_without_a_recording_tape_still_work() -> None:
     assert_same_scalar(penalty, l1l2_rs.penalty(aligned, 0.1, 0.2))
     assert_same_bits(got, l1l2_rs.grad(values, 0.1, 0.2))
     assert_matches(got, expected_grad(values, 0.1, 0.2), values, "keras variable")
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("torch") is None, reason="torch is not installed in this environment"
-)
-def test_torch_tensors_requiring_grad_raise_type_error_naming_an_adapter() -> None:
-    import torch
-
-    values = np.linspace(-2.0, 3.0, 37, dtype=np.float32)
-    tensor = torch.tensor(values, requires_grad=True)
-    for name, function in _traced_calls().items():
-        with pytest.raises(TypeError, match=ADAPTER):
-            function(tensor)
-        assert name
-    with pytest.raises(TypeError):
-        l1l2_rs.prox_(tensor, 0.1, 0.1, 0.1)
-    detached = tensor.detach()
-    assert_same_scalar(l1l2_rs.penalty(detached, 0.1, 0.2), l1l2_rs.penalty(values, 0.1, 0.2))
-    assert_same_bits(l1l2_rs.grad(detached, 0.1, 0.2), l1l2_rs.grad(values, 0.1, 0.2))

@@ -148,7 +148,7 @@ def _detached(x: object) -> object:
 
 
 def _tensorflow_recording() -> bool:
-    """Whether a TensorFlow GradientTape is recording (without importing TensorFlow)."""
-    tape = sys.modules.get("tensorflow.python.eager.tape")
-    could_record = getattr(tape, "could_possibly_record", None)
-    return bool(could_record()) if could_record is not None else False
+    """Whether a TensorFlow GradientTape is recording on this thread (without importing TF)."""
+    eager = sys.modules.get("tensorflow.python.pywrap_tfe")
+    tape_set_is_empty = getattr(eager, "TFE_Py_TapeSetIsEmpty", None)
+    return tape_set_is_empty is not None and not tape_set_is_empty()

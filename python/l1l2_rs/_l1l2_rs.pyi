@@ -8,7 +8,6 @@ __all__ = [
     "CHUNK_LEN",
     "PARALLEL_MIN_BYTES",
     "NotReadable",
-    "_read_probe",
     "get_num_threads",
     "penalty",
     "penalty_many",
@@ -27,8 +26,6 @@ PARALLEL_MIN_BYTES: Final[int]
 
 class NotReadable(TypeError):
     """The input is not a numpy array the core reads in place: convert it and call again."""
-
-_Array = np.ndarray[Any, np.dtype[Any]]
 
 def sums(x: object) -> tuple[float, float]: ...
 def penalty(x: object, l1: float | None, l2: float | None) -> np.generic: ...
@@ -55,4 +52,3 @@ def prox_many_(xs: object, lr: float, l1: float | None, l2: float | None) -> Any
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_isa() -> str: ...
-def _read_probe(array: _Array) -> int: ...

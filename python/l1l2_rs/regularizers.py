@@ -57,6 +57,8 @@ def _factor(name: str, value: object, default: float) -> float:
     """Validate a regularization factor and return it as a full-precision Python float."""
     if value is None:
         return default
+    if type(value) is float and 0.0 <= value < math.inf:  # the common case, checked first
+        return value + 0.0  # -0.0 -> 0.0
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     numpy_non_number = isinstance(value, np.generic) and not isinstance(

@@ -7,24 +7,28 @@
 
 use std::ops::Range;
 
+use crate::dims::Dims;
 use crate::element::Reduce;
 use crate::kernels::RunSink;
 use crate::Error;
 
-/// Rows at least this long with a stride in `LANE_STRIDES` go straight to the SIMD kernel; shorter
-/// rows and other strides are gathered into a stack buffer first, so the kernel sees long runs.
+/// Rows at least this long with a stride in `LANE_STRIDES` go straight to the SIMD kernel, and so
+/// does a layout that is one row (a small 1-D tensor); shorter rows and other strides are
+/// gathered into a stack buffer first, so the kernel sees long runs.
 const DIRECT_MIN_LEN: usize = 64;
 /// Row strides the kernel reads in place by dropping lanes: a stride of 2 or 4 costs 2x or 4x the
 /// contiguous work per element, still less than a gather (larger strides are gathered).
 const LANE_STRIDES: [usize; 3] = [1, 2, 4];
 /// Elements gathered per kernel call (at most 16 KiB on the stack).
 const GATHER_LEN: usize = 2048;
+/// The buffer for ranges of at most this many elements (small tensors).
+const SMALL_GATHER_LEN: usize = 256;
 
 /// A value placed at a 64-byte boundary.
 #[repr(align(64))]
 struct LineAligned<T>(T);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Dim {
     len: usize,
     /// In elements, non-negative after normalisation.
@@ -39,7 +43,7 @@ struct Dim {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
     offset: usize,
-    outer: Vec<Dim>,
+    outer: Dims<Dim>,
     row_len: usize,
     row_stride: usize,
     dest_offset: isize,
@@ -128,7 +132,7 @@ impl Layout {
         let mut start = i128::try_from(offset).map_err(|_| Error::TooLarge)?;
         let mut dest_start = dest_offset as i128;
         let mut end = start; // last addressed element
-        let mut dims = Vec::with_capacity(shape.len());
+        let mut dims: Dims<Dim> = Dims::new();
         for (axis, (&dim_len, &stride)) in shape.iter().zip(strides).enumerate() {
             if dim_len == 1 {
                 continue;
@@ -160,8 +164,8 @@ impl Layout {
         // Broadcast dimensions first, then by decreasing stride: the innermost stride is smallest.
         // The sort is stable, so a paired layout orders its dimensions as the source's own does.
         dims.sort_by_key(|dim| (dim.stride != 0, std::cmp::Reverse(dim.stride)));
-        let mut merged: Vec<Dim> = Vec::with_capacity(dims.len());
-        for dim in dims {
+        let mut merged: Dims<Dim> = Dims::new();
+        for &dim in dims.iter() {
             match merged.last_mut() {
                 Some(last)
                     if last.stride == dim.stride * dim.len
@@ -194,7 +198,7 @@ impl Layout {
     pub(crate) fn contiguous(offset: usize, len: usize) -> Self {
         Self {
             offset,
-            outer: Vec::new(),
+            outer: Dims::new(),
             row_len: len,
             row_stride: 1,
             dest_offset: 0,
@@ -270,7 +274,7 @@ impl Layout {
         let row = range.start / self.row_len;
         let mut column = range.start % self.row_len;
         // Mixed-radix digits of `row` over the outer dimensions, innermost last.
-        let mut index = vec![0usize; self.outer.len()];
+        let mut index: Dims<usize> = self.outer.iter().map(|_| 0).collect();
         let mut rest = row;
         for (digit, dim) in index.iter_mut().zip(&self.outer).rev() {
             *digit = rest % dim.len;
@@ -329,9 +333,10 @@ impl Layout {
         let mut total = T::Partial::default();
         let stride = self.row_stride;
         let row_dest = self.row_dest;
-        if LANE_STRIDES.contains(&stride) && self.row_len >= DIRECT_MIN_LEN {
-            // Long rows of small stride: the kernel reads each row's span in place and keeps
-            // every `stride`-th lane (see `kernels::float_sums`).
+        let long_rows = self.row_len >= DIRECT_MIN_LEN || self.outer.is_empty();
+        if LANE_STRIDES.contains(&stride) && long_rows {
+            // Long rows (or a single row) of small stride: the kernel reads each row's span in
+            // place and keeps every `stride`-th lane (see `kernels::float_sums`).
             self.for_each_row_piece(range, |first, count, dest_first| {
                 let span = &data[first..=first + (count - 1) * stride];
                 let mut sink = writer.row(dest_first, row_dest, stride);
@@ -339,14 +344,33 @@ impl Layout {
             });
             return total;
         }
+        // A range that fits a small buffer never fills a large one either, so it gathers into the
+        // small one with the same bits and without initialising 16 KiB of stack.
+        if range.len() <= SMALL_GATHER_LEN {
+            self.gather_range::<T, W, SMALL_GATHER_LEN>(data, range, writer)
+        } else {
+            self.gather_range::<T, W, GATHER_LEN>(data, range, writer)
+        }
+    }
+
+    /// `reduce_range` for rows the kernel cannot read in place: gathered `N` at a time.
+    fn gather_range<T: Reduce, W: RowWriter<T>, const N: usize>(
+        &self,
+        data: &[T],
+        range: Range<usize>,
+        writer: &W,
+    ) -> T::Partial {
+        use crate::accumulate::Partial;
+        let (stride, row_dest) = (self.row_stride, self.row_dest);
+        let mut total = T::Partial::default();
         // Cache-line aligned wherever the stack of the thread at hand puts it: the kernel's lanes
         // start at the first aligned element, so a buffer at another offset would change the bits.
-        let mut gathered = LineAligned([T::default(); GATHER_LEN]);
+        let mut gathered = LineAligned([T::default(); N]);
         let buffer = &mut gathered.0;
         let mut filled = 0;
         self.for_each_row_piece(range, |mut first, mut count, mut dest_first| {
             while count > 0 {
-                let take = count.min(GATHER_LEN - filled);
+                let take = count.min(N - filled);
                 let targets = &mut buffer[filled..filled + take];
                 if stride == 0 {
                     targets.fill(data[first]); // a broadcast row repeats one element
@@ -362,7 +386,7 @@ impl Layout {
                 first += take * stride;
                 dest_first += take as isize * row_dest;
                 count -= take;
-                if filled == GATHER_LEN {
+                if filled == N {
                     total = total.merge(T::reduce_run(buffer, 1, &mut crate::kernels::NoSink));
                     filled = 0;
                 }

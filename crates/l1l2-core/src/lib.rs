@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 mod accumulate;
+mod dims;
 mod dtype;
 mod element;
 mod error;
@@ -43,6 +44,7 @@ mod kernels;
 mod layout;
 mod ops;
 pub mod parallel;
+#[cfg(feature = "probe")]
 #[doc(hidden)]
 pub mod probe;
 mod view;

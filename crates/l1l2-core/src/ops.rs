@@ -110,9 +110,10 @@ pub fn sums_many(xs: &[ArrayView<'_>]) -> Vec<Sums> {
 /// `x.dtype().round_result(factors.penalty(&x.sums()))`). One pass: `x` is read once and `g`
 /// written once (and read once when accumulating).
 ///
-/// The gradient of `|x|` at 0 is 0 (as in PyTorch and TensorFlow; JAX uses 1), NaN stays NaN, and a
-/// term that `factors` leaves out contributes nothing. Each value is computed in f64 with fused
-/// multiply-adds and rounded once to the dtype.
+/// The gradient of `|x|` at 0 is 0 (as in PyTorch and TensorFlow; JAX uses 1; at -0.0 the
+/// gradient is -0.0), NaN stays NaN, and a term that `factors` leaves out contributes nothing.
+/// Each value is computed in f64 with fused multiply-adds and rounded once to the dtype. (Which
+/// NaN payload a NaN penalty carries is not specified.)
 ///
 /// ```
 /// use l1l2_core::{value_and_grad, ArrayView, ArrayViewMut, Factors, Update};
@@ -293,7 +294,7 @@ fn check_disjoint(sources: &[Range<usize>], dests: &[Range<usize>]) -> Result<()
             ranges.push((range.start, range.end, is_dest, index));
         }
     }
-    ranges.sort_unstable();
+    ranges.sort_unstable_by_key(|&(start, ..)| start);
     // Sorted by start: any overlap shows when its later-starting range comes up.
     let mut dest_end: Option<(usize, usize)> = None;
     let mut source_end: Option<(usize, usize)> = None;
@@ -405,7 +406,8 @@ impl GradMath {
 }
 
 /// `l1 * sign(x)`: `l1` with its sign flipped for negative `x` (a bit operation: `l1` may be
-/// negative when a negative `scale` is folded in), 0 at ±0; NaN for NaN when `NAN` (callers whose
+/// negative when a negative `scale` is folded in), a zero with the product's sign at ±0 (as
+/// `l1 * x` there); NaN for NaN when `NAN` (callers whose
 /// other term already propagates NaN skip that check). Each case costs one compare and one blend
 /// in the vectorised loop.
 #[inline(always)]
@@ -413,8 +415,9 @@ fn l1_sign<const NAN: bool>(l1: f64, x: f64) -> f64 {
     const SIGN: u64 = 1 << 63;
     // ±0 tested on the bits: a float compare of a widened f32 would be folded into a compare of
     // the f32, and the mixed widths make LLVM vectorise the whole loop 4 lanes wide.
+    let product_sign = (l1.to_bits() ^ x.to_bits()) & SIGN;
     let signed = if x.to_bits() << 1 == 0 {
-        0.0
+        f64::from_bits(product_sign) // ±0: the zero of `l1 * ±0`
     } else {
         f64::from_bits(l1.to_bits() ^ (x.to_bits() & SIGN))
     };

@@ -4,6 +4,7 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 
+use crate::dims::Dims;
 use crate::element::{Element, Pod};
 use crate::layout::Layout;
 use crate::{DType, Error, Sums};
@@ -16,9 +17,9 @@ pub(crate) struct Raw {
     /// Elements from `base` up to and including the highest addressed one.
     span_len: usize,
     dtype: DType,
-    shape: Vec<usize>,
+    shape: Dims<usize>,
     /// Strides in elements.
-    strides: Vec<isize>,
+    strides: Dims<isize>,
     /// The index, from `base`, of the element at index `[0, 0, ..]`.
     offset: usize,
     /// The source layout, normalised.
@@ -41,8 +42,8 @@ impl Raw {
             base,
             span_len,
             dtype,
-            shape: shape.to_vec(),
-            strides: strides.to_vec(),
+            shape: shape.iter().copied().collect(),
+            strides: strides.iter().copied().collect(),
             offset,
             layout,
         })
@@ -62,7 +63,7 @@ impl Raw {
                 strides_len: byte_strides.len(),
             });
         }
-        let mut strides = Vec::with_capacity(shape.len());
+        let mut strides: Dims<isize> = Dims::new();
         for &stride in byte_strides {
             if stride % itemsize as isize != 0 {
                 return Err(Error::StrideNotMultiple { stride, dtype });
