@@ -24,41 +24,19 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compare import time_interleaved  # the same interleaved timing as the penalty table
 
 import l1l2_rs
 
 L1, L2, LR = 1e-4, 1e-3, 1e-2
 Candidate = Callable[[], Any]
 SHAPES = Path(__file__).resolve().parents[2] / "shared" / "data" / "resnet50_shapes.json"
-
-
-def time_interleaved(table: dict[str, Candidate], rounds: int, budget: float) -> dict[str, float]:
-    """Median seconds per call of each candidate, over interleaved rounds."""
-    calls = {}
-    for name, function in table.items():
-        function()
-        start = time.perf_counter()
-        function()
-        once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, min(10_000, int(budget / rounds / once)))
-    samples: dict[str, list[float]] = {name: [] for name in table}
-    for _ in range(rounds):
-        for name, function in table.items():
-            count = calls[name]
-            function()
-            start = time.perf_counter()
-            for _ in range(count):
-                function()
-            samples[name].append((time.perf_counter() - start) / count)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def make(size: int, dtype: Any, seed: int = 0) -> np.ndarray:

@@ -3,76 +3,38 @@
 
 use std::fmt;
 
-/// Runs `$body` with `$T` bound to the float type of `$dtype`; `$other` is evaluated for the rest.
-macro_rules! with_float {
-    ($dtype:expr, |$T:ident| $body:expr, $other:expr) => {{
-        use $crate::dtype::DType as D;
+/// `match $dtype`, binding `$T` to each listed variant's type in `$body`; `$other` for the rest.
+macro_rules! match_dtype {
+    ($dtype:expr, |$T:ident| $body:expr, { $($variant:ident => $ty:ty),* }, $other:expr) => {{
+        #[allow(unreachable_patterns)]
         match $dtype {
-            D::F16 => {
-                type $T = $crate::f16;
+            $($crate::dtype::DType::$variant => {
+                type $T = $ty;
                 $body
-            }
-            D::BF16 => {
-                type $T = $crate::bf16;
-                $body
-            }
-            D::F32 => {
-                type $T = f32;
-                $body
-            }
-            D::F64 => {
-                type $T = f64;
-                $body
-            }
+            })*
             _ => $other,
         }
     }};
 }
 
+/// Runs `$body` with `$T` bound to the float type of `$dtype`; `$other` is evaluated for the rest.
+macro_rules! with_float {
+    ($dtype:expr, |$T:ident| $body:expr, $other:expr) => {
+        $crate::dtype::match_dtype!($dtype, |$T| $body, {
+            F16 => $crate::f16, BF16 => $crate::bf16, F32 => f32, F64 => f64
+        }, $other)
+    };
+}
+
 /// Runs `$body` with `$T` bound to the integer or bool type of `$dtype` (floats are unreachable).
 macro_rules! with_integer {
-    ($dtype:expr, |$T:ident| $body:expr) => {{
-        use $crate::dtype::DType as D;
-        match $dtype {
-            D::I8 => {
-                type $T = i8;
-                $body
-            }
-            D::I16 => {
-                type $T = i16;
-                $body
-            }
-            D::I32 => {
-                type $T = i32;
-                $body
-            }
-            D::I64 => {
-                type $T = i64;
-                $body
-            }
-            D::U8 => {
-                type $T = u8;
-                $body
-            }
-            D::U16 => {
-                type $T = u16;
-                $body
-            }
-            D::U32 => {
-                type $T = u32;
-                $body
-            }
-            D::U64 => {
-                type $T = u64;
-                $body
-            }
-            D::Bool => {
-                type $T = $crate::dtype::BoolByte;
-                $body
-            }
-            D::F16 | D::BF16 | D::F32 | D::F64 => unreachable!("with_integer on a float type"),
-        }
-    }};
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        $crate::dtype::match_dtype!($dtype, |$T| $body, {
+            I8 => i8, I16 => i16, I32 => i32, I64 => i64,
+            U8 => u8, U16 => u16, U32 => u32, U64 => u64,
+            Bool => $crate::dtype::BoolByte
+        }, unreachable!("with_integer on a float type"))
+    };
 }
 
 /// Runs `$body` with `$T` bound to the element type of `$dtype`: the one dispatch from a
@@ -88,7 +50,7 @@ macro_rules! with_element {
     }};
 }
 
-pub(crate) use {with_element, with_float, with_integer};
+pub(crate) use {match_dtype, with_element, with_float, with_integer};
 
 /// The element type of an [`ArrayView`](crate::ArrayView): every type the library reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -41,33 +41,15 @@ impl_element!(
 /// Implement only for such types.
 pub(crate) unsafe trait Pod: Copy + Default + Send + Sync + 'static {}
 
-// SAFETY: IEEE floats, bfloat16 (u16 bits), integers and a one-byte wrapper of u8 accept every bit
-// pattern and have no padding.
-unsafe impl Pod for f16 {}
-// SAFETY: as above.
-unsafe impl Pod for bf16 {}
-// SAFETY: as above.
-unsafe impl Pod for f32 {}
-// SAFETY: as above.
-unsafe impl Pod for f64 {}
-// SAFETY: as above.
-unsafe impl Pod for i8 {}
-// SAFETY: as above.
-unsafe impl Pod for i16 {}
-// SAFETY: as above.
-unsafe impl Pod for i32 {}
-// SAFETY: as above.
-unsafe impl Pod for i64 {}
-// SAFETY: as above.
-unsafe impl Pod for u8 {}
-// SAFETY: as above.
-unsafe impl Pod for u16 {}
-// SAFETY: as above.
-unsafe impl Pod for u32 {}
-// SAFETY: as above.
-unsafe impl Pod for u64 {}
-// SAFETY: as above (`BoolByte` is `repr(transparent)` over u8).
-unsafe impl Pod for BoolByte {}
+macro_rules! unsafe_impl_pod {
+    ($($ty:ty),*) => {$(
+        // SAFETY: IEEE floats, bfloat16 (u16 bits), integers and `BoolByte` (`repr(transparent)`
+        // over u8) accept every bit pattern and have no padding.
+        unsafe impl Pod for $ty {}
+    )*};
+}
+
+unsafe_impl_pod!(f16, bf16, f32, f64, i8, i16, i32, i64, u8, u16, u32, u64, BoolByte);
 
 /// How the type a [`DType`] dispatches to is reduced. (Bool is read as [`BoolByte`].)
 pub(crate) trait Reduce: Pod {

@@ -211,6 +211,17 @@ impl Layout {
         self.len
     }
 
+    /// `self` (one contiguous row) paired with a destination of the same strides that is one
+    /// contiguous row too: the common case of a training step, without a normalisation.
+    pub(crate) fn with_contiguous_dest(&self, dest: &Layout) -> Option<Self> {
+        let single_row = |layout: &Layout| layout.outer.is_empty() && layout.row_stride == 1;
+        (single_row(self) && single_row(dest) && self.len == dest.len).then(|| Self {
+            dest_offset: dest.offset as isize,
+            row_dest: 1,
+            ..self.clone()
+        })
+    }
+
     /// Whether `self` (a paired layout) walks the source exactly as `own` (the source's own
     /// layout) does: then a reduction over it gives the bits of the source's own reduction.
     pub(crate) fn same_walk(&self, own: &Layout) -> bool {

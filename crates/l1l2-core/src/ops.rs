@@ -266,6 +266,18 @@ fn plan(x: &ArrayView<'_>, g: &ArrayViewMut<'_>) -> Result<Plan, Error> {
             destination: g.shape().to_vec(),
         });
     }
+    // The same strides map every index to the same offset in both: when they make one contiguous
+    // row, element `k` of the row is element `k` of the destination's row.
+    let same_strides = x.strides() == g.strides();
+    if let Some(paired) = same_strides
+        .then(|| x.layout().with_contiguous_dest(g.layout()))
+        .flatten()
+    {
+        return Ok(Plan {
+            paired,
+            fused: true,
+        });
+    }
     let paired = Layout::paired(
         x.span_len(),
         x.offset(),

@@ -140,6 +140,47 @@ impl Raw {
     }
 }
 
+/// The methods both views have, over their `raw` field.
+macro_rules! shared_methods {
+    () => {
+        /// The element type.
+        pub fn dtype(&self) -> DType {
+            self.raw.dtype
+        }
+
+        /// The shape.
+        pub fn shape(&self) -> &[usize] {
+            &self.raw.shape
+        }
+
+        /// The number of elements.
+        pub fn len(&self) -> usize {
+            self.raw.layout.len()
+        }
+
+        /// Whether the view has no elements.
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+
+        pub(crate) fn layout(&self) -> &Layout {
+            &self.raw.layout
+        }
+
+        pub(crate) fn byte_range(&self) -> Range<usize> {
+            self.raw.byte_range()
+        }
+
+        pub(crate) fn strides(&self) -> &[isize] {
+            &self.raw.strides
+        }
+
+        pub(crate) fn offset(&self) -> usize {
+            self.raw.offset
+        }
+    };
+}
+
 /// A read-only view of an n-dimensional array of any supported [`DType`]: element `[i0, i1, ..]`
 /// is at `offset + i0 * strides[0] + i1 * strides[1] + ..` (negative and zero strides allowed).
 ///
@@ -206,25 +247,7 @@ impl<'a> ArrayView<'a> {
         }
     }
 
-    /// The element type.
-    pub fn dtype(&self) -> DType {
-        self.raw.dtype
-    }
-
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        &self.raw.shape
-    }
-
-    /// The number of elements.
-    pub fn len(&self) -> usize {
-        self.raw.layout.len()
-    }
-
-    /// Whether the view has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    shared_methods!();
 
     /// `sum |x|` and `sum x^2` over the view, in one pass, in place.
     pub fn sums(&self) -> Sums {
@@ -241,22 +264,6 @@ impl<'a> ArrayView<'a> {
         // SAFETY: the constructors establish that the span is readable for `'a` and not written
         // elsewhere meanwhile; `span` checks the size of `T`.
         unsafe { self.raw.span() }
-    }
-
-    pub(crate) fn layout(&self) -> &Layout {
-        &self.raw.layout
-    }
-
-    pub(crate) fn byte_range(&self) -> Range<usize> {
-        self.raw.byte_range()
-    }
-
-    pub(crate) fn strides(&self) -> &[isize] {
-        &self.raw.strides
-    }
-
-    pub(crate) fn offset(&self) -> usize {
-        self.raw.offset
     }
 
     pub(crate) fn span_len(&self) -> usize {
@@ -337,25 +344,7 @@ impl<'a> ArrayViewMut<'a> {
         ArrayView::wrap(self.raw.clone())
     }
 
-    /// The element type.
-    pub fn dtype(&self) -> DType {
-        self.raw.dtype
-    }
-
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        &self.raw.shape
-    }
-
-    /// The number of elements.
-    pub fn len(&self) -> usize {
-        self.raw.layout.len()
-    }
-
-    /// Whether the view has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    shared_methods!();
 
     /// The first element of the span, for writing.
     pub(crate) fn base<T: Pod>(&self) -> *mut T {
@@ -365,21 +354,5 @@ impl<'a> ArrayViewMut<'a> {
             "element type of a view"
         );
         self.raw.base.cast()
-    }
-
-    pub(crate) fn layout(&self) -> &Layout {
-        &self.raw.layout
-    }
-
-    pub(crate) fn byte_range(&self) -> Range<usize> {
-        self.raw.byte_range()
-    }
-
-    pub(crate) fn strides(&self) -> &[isize] {
-        &self.raw.strides
-    }
-
-    pub(crate) fn offset(&self) -> usize {
-        self.raw.offset
     }
 }

@@ -170,7 +170,11 @@ fn float_sums_generic<T: Float, I: Target, S: RunSink<T>>(
     sink.visit(0, head);
     // The body's element `j` is the run's `j + head.len()`: the wanted ones are in the lanes
     // `first, first + step, ..`.
-    let first = (step - head.len() % step) % step;
+    // `step` is a power of two dividing `LANES` (1, 2 or 4): masks instead of divisions, which
+    // cost a short run more than its additions.
+    debug_assert!(step.is_power_of_two() && LANES % step == 0);
+    let mask = step - 1;
+    let first = step.wrapping_sub(head.len()) & mask;
     total.merge(aligned_sums::<T, I, S>(body, step, first, head.len(), sink))
 }
 
@@ -272,8 +276,8 @@ fn combine_lanes(
     step: usize,
     first: usize,
 ) -> FloatPartial {
-    debug_assert!(step > 0 && LANES % step == 0 && first < step);
-    for lane in (0..LANES).filter(|lane| lane % step != first) {
+    debug_assert!(step.is_power_of_two() && LANES % step == 0 && first < step);
+    for lane in (0..LANES).filter(|lane| lane & (step - 1) != first) {
         abs[lane] = Compensated::default();
         squares[lane] = Compensated::default();
     }
