@@ -1460,3 +1460,15 @@ def test_keras_variables_without_a_recording_tape_still_work() -> None:
     assert_same_scalar(penalty, l1l2_rs.penalty(aligned, 0.1, 0.2))
     assert_same_bits(got, l1l2_rs.grad(values, 0.1, 0.2))
     assert_matches(got, expected_grad(values, 0.1, 0.2), values, "keras variable")
+
+
+def test_many_forms_take_any_iterable_including_generators() -> None:
+    # A generator is consumed by the first attempt; a conversion retry must not see it empty.
+    arrays = [np.linspace(-1.0, 1.0, 9), np.arange(4)]
+    expected = l1l2_rs.sums_many(arrays)
+    assert l1l2_rs.sums_many(x for x in arrays) == expected
+    assert l1l2_rs.sums_many(x.tolist() for x in arrays) == [
+        l1l2_rs.sums(x.tolist()) for x in arrays
+    ]
+    total = l1l2_rs.penalty_many((x.tolist() for x in arrays), 0.1, 0.2)
+    assert total == sum(float(l1l2_rs.penalty(x.tolist(), 0.1, 0.2)) for x in arrays)

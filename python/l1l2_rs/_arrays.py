@@ -46,11 +46,11 @@ def call(function: Callable[..., _R], x: Any, *args: Any, **kwargs: Any) -> _R:
 
 def call_many(function: Callable[..., _R], xs: Any, *args: Any, **kwargs: Any) -> _R:
     """``function(xs, ...)`` for a list of inputs, converting them if the core cannot read one."""
+    if not isinstance(xs, Sequence):
+        xs = list(xs)  # a generator would be used up by the first attempt
     try:
         return function(xs, *args, **kwargs)
     except NotReadable:
-        if not isinstance(xs, Sequence):
-            xs = list(xs)
         return function([coerce(x) for x in xs], *args, **kwargs)
 
 
