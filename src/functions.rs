@@ -133,19 +133,23 @@ pub(crate) fn prox_<'py>(
     Ok(x.clone())
 }
 
+// Filled by hand: `collect` into a `PyResult<Vec<_>>` does not know the length and grows the
+// vector by reallocation, moving every view several times over.
 fn read_views<'a>(arrays: &'a [Bound<'_, PyAny>]) -> PyResult<Vec<ArrayView<'a>>> {
-    arrays.iter().map(|array| read_view(array)).collect()
+    let mut views = Vec::with_capacity(arrays.len());
+    for array in arrays {
+        views.push(read_view(array)?);
+    }
+    Ok(views)
 }
 
 fn write_views<'a>(arrays: &'a [Bound<'_, PyAny>], name: &str) -> PyResult<Vec<ArrayViewMut<'a>>> {
-    arrays
-        .iter()
-        .enumerate()
-        .map(|(index, array)| {
-            let index = Some(index);
-            write_view(array, Arg { name, index })
-        })
-        .collect()
+    let mut views = Vec::with_capacity(arrays.len());
+    for (index, array) in arrays.iter().enumerate() {
+        let index = Some(index);
+        views.push(write_view(array, Arg { name, index })?);
+    }
+    Ok(views)
 }
 
 fn total_len<V>(views: &[V], len: impl Fn(&V) -> usize) -> usize {
