@@ -13,7 +13,9 @@ use crate::errors::{to_py, NotReadable, SINGLE};
 /// The core's type of a numpy dtype, or a `TypeError` naming the dtype.
 fn dtype_of(descr: &Bound<'_, PyArrayDescr>) -> PyResult<DType> {
     let name = if descr.kind() == b'V' {
-        descr.getattr("name")?.extract::<String>()?
+        // The scalar type's `__name__` ("bfloat16"): `dtype.name` would run numpy's Python code,
+        // ~1.5 us per array.
+        descr.typeobj().name()?.to_cow()?.into_owned()
     } else {
         String::new()
     };
