@@ -2,7 +2,9 @@
 //! released (for inputs large enough for that to pay) and converts the result.
 
 use l1l2_core::{ArrayView, ArrayViewMut, Error, Factors, Update};
-use pyo3::exceptions::PyValueError;
+use std::ffi::CString;
+
+use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -13,12 +15,24 @@ use crate::errors::{to_py, Names, MANY, SINGLE};
 const DETACH_MIN_LEN: usize = 1 << 13;
 
 /// Runs `work` with the GIL released, unless the input is too small for that to pay.
-fn detach_if_large<R: Send>(py: Python<'_>, len: usize, work: impl FnOnce() -> R + Send) -> R {
-    if len >= DETACH_MIN_LEN {
-        py.detach(work)
-    } else {
-        work()
+fn detach_if_large<R: Send>(
+    py: Python<'_>,
+    len: usize,
+    work: impl FnOnce() -> R + Send,
+) -> PyResult<R> {
+    if len < DETACH_MIN_LEN {
+        return Ok(work());
     }
+    let result = py.detach(work);
+    if let Some(message) = l1l2_core::parallel::take_pool_error() {
+        PyErr::warn(
+            py,
+            &py.get_type::<PyRuntimeWarning>(),
+            &CString::new(message)?,
+            1,
+        )?;
+    }
+    Ok(result)
 }
 
 fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
@@ -40,7 +54,7 @@ fn update(accumulate: bool, scale: f64, out_given: bool) -> PyResult<Update> {
 #[pyfunction]
 pub(crate) fn sums(x: &Bound<'_, PyAny>) -> PyResult<(f64, f64)> {
     let view = read_view(x)?;
-    let sums = detach_if_large(x.py(), view.len(), || view.sums());
+    let sums = detach_if_large(x.py(), view.len(), || view.sums())?;
     Ok((sums.sum_abs, sums.sum_squares))
 }
 
@@ -55,7 +69,7 @@ pub(crate) fn penalty<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let factors = factors(l1, l2)?;
     let view = read_view(x)?;
-    let sums = detach_if_large(x.py(), view.len(), || view.sums());
+    let sums = detach_if_large(x.py(), view.len(), || view.sums())?;
     let dtype = view.dtype();
     penalty_scalar(x, dtype, dtype.round_result(factors.penalty(&sums)))
 }
@@ -91,7 +105,7 @@ pub(crate) fn value_and_grad<'py>(
     )?;
     let value = detach_if_large(x.py(), view.len(), || {
         l1l2_core::value_and_grad(&view, &mut grad, &factors, update)
-    })
+    })?
     .map_err(|error| to_py(error, SINGLE))?;
     drop(grad);
     let dtype = view.dtype();
@@ -128,7 +142,7 @@ pub(crate) fn prox_<'py>(
     )?;
     detach_if_large(x.py(), view.len(), || {
         l1l2_core::prox(&mut view, lr, &factors)
-    })
+    })?
     .map_err(|error| to_py(error, SINGLE))?;
     Ok(x.clone())
 }
@@ -162,7 +176,7 @@ pub(crate) fn sums_many(xs: &Bound<'_, PyAny>) -> PyResult<Vec<(f64, f64)>> {
     let arrays = items(xs, "xs")?;
     let views = read_views(&arrays)?;
     let len = total_len(&views, ArrayView::len);
-    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views));
+    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views))?;
     Ok(sums.iter().map(|s| (s.sum_abs, s.sum_squares)).collect())
 }
 
@@ -178,7 +192,7 @@ pub(crate) fn penalty_many(
     let arrays = items(xs, "xs")?;
     let views = read_views(&arrays)?;
     let len = total_len(&views, ArrayView::len);
-    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views));
+    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views))?;
     Ok(views
         .iter()
         .zip(&sums)
@@ -217,7 +231,7 @@ pub(crate) fn value_and_grad_many<'py>(
     let len = total_len(&views, ArrayView::len);
     let values = detach_if_large(xs.py(), len, || {
         l1l2_core::value_and_grad_many(&views, &mut grads, &factors, update)
-    })
+    })?
     .map_err(|error| to_py(error, MANY))?;
     drop(grads);
     Ok((values.iter().sum(), PyList::new(xs.py(), outs)?))
@@ -238,7 +252,7 @@ pub(crate) fn prox_many_<'py>(
     let len = total_len(&views, ArrayViewMut::len);
     detach_if_large(xs.py(), len, || {
         l1l2_core::prox_many(&mut views, lr, &factors)
-    })
+    })?
     .map_err(|error| {
         to_py(
             error,
