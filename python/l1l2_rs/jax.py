@@ -1,0 +1,311 @@
+"""The L1/L2 penalty as a differentiable JAX function, and optax-style transformations.
+
+``import l1l2_rs.jax`` imports JAX; ``import l1l2_rs`` never does. Optax is optional: the
+transformations are ``optax.GradientTransformation`` objects when optax is installed, and the same
+``(init, update)`` named tuple otherwise, so they work in ``optax.chain`` either way.
+
+>>> import jax, jax.numpy as jnp
+>>> from l1l2_rs.jax import penalty
+>>> params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.0])}
+>>> float(penalty(params, l1=0.5, l2=0.25))
+2.75
+>>> jax.grad(penalty)(params, 0.5, 0.25)["b"]  # the gradient of |x| at 0 is 0 here, 1 in JAX
+Array([0.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .regularizers import _factor
+
+__all__ = [
+    "AddL1L2GradsState",
+    "ApplyL1L2ProxState",
+    "GradientTransformation",
+    "add_l1l2_grads",
+    "apply_l1l2_prox",
+    "penalty",
+    "prox",
+]
+
+Array = Any  # jax.Array or a tracer of one; jax's own annotations are not precise enough here
+
+#: Leaf dtypes the penalty takes, and the dtype each is computed in.
+_COMPUTE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
+    np.dtype(jnp.float16): np.dtype(np.float32),
+    np.dtype(jnp.bfloat16): np.dtype(np.float32),
+    np.dtype(np.float32): np.dtype(np.float32),
+    np.dtype(np.float64): np.dtype(np.float64),
+}
+
+_IMPLEMENTATIONS = ("auto", "jnp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _static_factor(name: str, value: object) -> float:
+    """A regularization factor as a Python float; it must be concrete (it is baked into the
+    compiled computation, as Keras' factors are fixed at construction)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"l1l2_rs.jax: {name} must be a concrete number, not a traced value: the factors are "
+            "static (close over them or mark them static in jax.jit)"
+        )
+    if isinstance(value, jax.Array):
+        value = np.asarray(value)
+    return _factor(name, value, 0.0)
+
+
+def _leaves(params: Any, caller: str) -> tuple[list[Array], Any]:
+    """The leaves of ``params`` as float arrays, and the tree structure; refuses other dtypes
+    with a ``TypeError`` that names the leaf."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = []
+    for path, leaf in with_paths:
+        array = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        if np.dtype(array.dtype) not in _COMPUTE_DTYPES:
+            where = f"params{jax.tree_util.keystr(path)}" if path else "params"
+            raise TypeError(
+                f"l1l2_rs.jax.{caller}: {where} has dtype {np.dtype(array.dtype).name}; expected "
+                "float16, bfloat16, float32 or float64"
+            )
+        leaves.append(array)
+    return leaves, treedef
+
+
+def _compute_dtype(x: Array) -> np.dtype[Any]:
+    return _COMPUTE_DTYPES[np.dtype(x.dtype)]
+
+
+def _result_dtype(leaves: list[Array]) -> np.dtype[Any]:
+    """float64 when a leaf is float64, else float32 (also for float16 and bfloat16 leaves)."""
+    wide = any(_compute_dtype(x) == np.float64 for x in leaves)
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The penalty: jnp formulas
+
+
+def _leaf_penalty(x: Array, l1: float, l2: float) -> Array:
+    """``l1 * sum|x| + l2 * sum x**2`` in the leaf's compute dtype; a zero factor drops its
+    term (so NaN or inf in ``x`` cannot leak through it)."""
+    wide = x.astype(_compute_dtype(x))
+    total = jnp.zeros((), wide.dtype)
+    if l1:
+        total = total + l1 * jnp.sum(jnp.abs(wide))
+    if l2:
+        total = total + l2 * jnp.sum(wide * wide)
+    return total
+
+
+def _leaf_grad(x: Array, l1: float, l2: float) -> Array:
+    """``l1 * sign(x) + 2 * l2 * x`` (``sign(0) = 0``) in the leaf's compute dtype."""
+    wide = x.astype(_compute_dtype(x))
+    grad = jnp.zeros_like(wide)
+    if l1:
+        grad = grad + l1 * jnp.sign(wide)
+    if l2:
+        grad = grad + (2 * l2) * wide
+    return grad
+
+
+def _jnp_value(l1: float, l2: float, leaves: list[Array]) -> Array:
+    dtype = _result_dtype(leaves)
+    total = jnp.zeros((), dtype)
+    for x in leaves:
+        total = total + _leaf_penalty(x, l1, l2).astype(dtype)
+    return total
+
+
+def _jnp_value_and_grads(l1: float, l2: float, leaves: list[Array]) -> tuple[Array, list[Array]]:
+    return _jnp_value(l1, l2, leaves), [_leaf_grad(x, l1, l2) for x in leaves]
+
+
+# ---------------------------------------------------------------------------------------------
+# The penalty: one differentiable function over the leaves, for either implementation
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _penalty_of_leaves(l1: float, l2: float, implementation: str, leaves: list[Array]) -> Array:
+    return _jnp_value(l1, l2, leaves)
+
+
+@_penalty_of_leaves.defjvp
+def _penalty_jvp(
+    l1: float,
+    l2: float,
+    implementation: str,
+    primals: tuple[list[Array]],
+    tangents: tuple[list[Array]],
+) -> tuple[Array, Array]:
+    (leaves,), (leaf_tangents,) = primals, tangents
+    value, grads = _jnp_value_and_grads(l1, l2, leaves)
+    # Linear in the tangents: reverse mode transposes it into `cotangent * grad` per leaf.
+    tangent = jnp.zeros((), value.dtype)
+    for grad, dx in zip(grads, leaf_tangents, strict=True):
+        tangent = tangent + jnp.sum(grad * dx.astype(grad.dtype)).astype(value.dtype)
+    return value, tangent
+
+
+def penalty(params: Any, l1: Any = 0.0, l2: Any = 0.0, *, implementation: str = "auto") -> Array:
+    """Keras' ``L1L2(l1, l2)`` penalty of an array or of every leaf of a pytree, differentiable.
+
+    ``l1 * sum(|x|) + l2 * sum(x**2)`` summed over the leaves; a factor of exactly zero drops its
+    term (as Keras' ``L1L2``: NaN or inf in ``x`` cannot leak through a disabled term). Works under
+    ``jax.jit``, ``jax.grad``, ``jax.value_and_grad``, ``jax.jvp`` and ``jax.vmap``.
+
+    **Gradient.** ``l1 * sign(x) + 2 * l2 * x`` with ``sign(0) = 0``: the gradient at exactly 0 is
+    0, as in PyTorch, TensorFlow and ``l1l2_rs.grad``. (JAX's own ``jax.grad(jnp.abs)(0.0)`` is 1,
+    so ``jax.grad`` of the plain formula ``l1 * jnp.abs(x).sum()`` gives ``l1`` at 0; this function
+    gives 0, a subgradient that keeps exact zeros where they are.)
+
+    **Dtypes.** Leaves must be float16, bfloat16, float32 or float64 (anything else: ``TypeError``
+    naming the leaf). float16 and bfloat16 leaves are computed in float32, so their squares and
+    sums do not overflow. The result is a float32 scalar, or float64 when a leaf is float64
+    (``jax_enable_x64``). Gradients have their leaf's dtype.
+
+    ``l1`` and ``l2`` must be concrete, finite numbers >= 0 (they are static: changing them
+    recompiles a jitted caller). ``implementation``: ``"jnp"`` (XLA's own ops), ``"native"`` (the
+    l1l2-rs core through an XLA FFI call, CPU only) or ``"auto"``.
+    """
+    l1f, l2f = _static_factor("l1", l1), _static_factor("l2", l2)
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"l1l2_rs.jax.penalty: implementation must be one of {_IMPLEMENTATIONS}, "
+            f"got {implementation!r}"
+        )
+    leaves, _ = _leaves(params, "penalty")
+    return _penalty_of_leaves(l1f, l2f, implementation, leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# The proximal step
+
+
+def _prox_leaf(x: Array, lr: Array, l1: float, l2: float) -> Array:
+    wide = x.astype(_compute_dtype(x))
+    if l1:
+        wide = jnp.sign(wide) * jnp.maximum(jnp.abs(wide) - lr * l1, 0)
+    if l2:
+        wide = wide / (1 + 2 * lr * l2)
+    return wide.astype(x.dtype)
+
+
+def prox(params: Any, lr: Any, l1: Any = 0.0, l2: Any = 0.0) -> Any:
+    """The proximal step of ``lr * L1L2(l1, l2)`` on an array or every leaf of a pytree.
+
+    ``sign(x) * max(|x| - lr * l1, 0) / (1 + 2 * lr * l2)``: soft-thresholding, then shrinkage
+    (the same as ``l1l2_rs.prox_``, but functional: it returns new arrays). float16 and bfloat16
+    leaves are computed in float32 and rounded once. Jit-able; ``lr`` may be traced (a schedule),
+    and when concrete must be finite and >= 0.
+    """
+    l1f, l2f = _static_factor("l1", l1), _static_factor("l2", l2)
+    if not isinstance(lr, jax.core.Tracer):
+        lr = _factor("lr", np.asarray(lr) if isinstance(lr, jax.Array) else lr, 0.0)
+    leaves, treedef = _leaves(params, "prox")
+    return jax.tree_util.tree_unflatten(treedef, [_prox_leaf(x, lr, l1f, l2f) for x in leaves])
+
+
+# ---------------------------------------------------------------------------------------------
+# optax-style transformations
+
+
+class GradientTransformation(NamedTuple):
+    """optax's ``GradientTransformation`` shape, used when optax is not installed."""
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+
+
+class AddL1L2GradsState(NamedTuple):
+    """``add_l1l2_grads`` keeps no state."""
+
+
+class ApplyL1L2ProxState(NamedTuple):
+    """The step count, for a learning-rate schedule."""
+
+    count: Array
+
+
+def _transformation(init: Callable[[Any], Any], update: Callable[..., Any]) -> Any:
+    try:
+        optax = importlib.import_module("optax")
+    except ImportError:
+        return GradientTransformation(init, update)
+    return optax.GradientTransformation(init, update)
+
+
+def _need_params(name: str, params: Any) -> None:
+    if params is None:
+        raise ValueError(
+            f"l1l2_rs.jax.{name} needs the parameters: call update(updates, state, params)"
+        )
+
+
+def add_l1l2_grads(l1: Any = 0.0, l2: Any = 0.0) -> Any:
+    """An optax transformation adding the gradient of ``penalty(params, l1, l2)`` to the updates.
+
+    Put it before the optimizer, e.g. ``optax.chain(add_l1l2_grads(1e-5, 1e-4), optax.sgd(0.1))``
+    (coupled weight decay: the penalty's gradient goes through the optimizer like the loss's).
+    The gradient is 0 where a parameter is exactly 0. ``update`` needs ``params``.
+    """
+    l1f, l2f = _static_factor("l1", l1), _static_factor("l2", l2)
+
+    def init(params: Any) -> AddL1L2GradsState:
+        del params
+        return AddL1L2GradsState()
+
+    def update(
+        updates: Any, state: AddL1L2GradsState, params: Any = None
+    ) -> tuple[Any, AddL1L2GradsState]:
+        _need_params("add_l1l2_grads", params)
+        grads = jax.grad(penalty)(params, l1f, l2f)
+        updates = jax.tree.map(lambda u, g: u + g.astype(u.dtype), updates, grads)
+        return updates, state
+
+    return _transformation(init, update)
+
+
+def apply_l1l2_prox(learning_rate: Any, l1: Any = 0.0, l2: Any = 0.0) -> Any:
+    """An optax transformation making the step a proximal one: put it after the optimizer.
+
+    ``optax.chain(optax.sgd(lr), apply_l1l2_prox(lr, l1, l2))`` trains like
+    ``params = prox(params - lr * grads, lr, l1, l2)`` (proximal SGD, exact zeros for small
+    weights). The prox step needs the parameters, and an optax transformation returns updates, so
+    ``update`` computes the new parameters ``prox(params + updates)`` and returns
+    ``new_params - params``: ``optax.apply_updates`` then adds it back. That round trip rounds
+    once at the parameters' magnitude (exact zeros stay exact: ``p + (0 - p) == 0``).
+
+    ``learning_rate`` is the optimizer's: a number, or a schedule ``count -> lr`` (called with the
+    step count, as optax's schedules are). ``update`` needs ``params``.
+    """
+    l1f, l2f = _static_factor("l1", l1), _static_factor("l2", l2)
+    if not callable(learning_rate):
+        learning_rate = _factor("learning_rate", learning_rate, 0.0)
+
+    def init(params: Any) -> ApplyL1L2ProxState:
+        del params
+        return ApplyL1L2ProxState(count=jnp.zeros((), jnp.int32))
+
+    def update(
+        updates: Any, state: ApplyL1L2ProxState, params: Any = None
+    ) -> tuple[Any, ApplyL1L2ProxState]:
+        _need_params("apply_l1l2_prox", params)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        stepped = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        new_params = prox(stepped, lr, l1f, l2f)
+        updates = jax.tree.map(lambda n, p: n - p, new_params, params)
+        return updates, ApplyL1L2ProxState(count=state.count + 1)
+
+    return _transformation(init, update)

@@ -1,0 +1,408 @@
+"""The JAX adapter (``l1l2_rs.jax``): the differentiable penalty, the prox step, the optax-style
+transformations and the native (XLA FFI) implementation.
+
+References are independent of l1l2_rs: exact ``fractions.Fraction`` values (``conftest.exact_sums``)
+rounded once, or the closed-form gradient evaluated exactly. The jnp implementation computes in
+float32 (float64 for float64 leaves) with XLA's reductions, so it is held to the textbook bound of
+a float sum of ``n`` terms, ``(n + 4) * u`` relative (``u`` the unit roundoff); the native one to
+the core's promise (correct rounding within 1 ulp) and to bit equality with ``l1l2_rs`` where the
+same dtype rules apply.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import l1l2_rs
+from conftest import exact_sums, ulp_of
+from l1l2_rs.jax import add_l1l2_grads, apply_l1l2_prox, penalty, prox
+
+IMPLEMENTATIONS = ["jnp"]
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+
+
+@pytest.fixture
+def x64() -> Iterator[None]:
+    """float64 arrays for the duration of one test (the flag is global: restored afterwards)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def exact_penalty(leaves: list[np.ndarray], l1: float, l2: float) -> Fraction:
+    total = Fraction(0)
+    for leaf in leaves:
+        abs_sum, squares = exact_sums(np.asarray(leaf))
+        if l1:
+            total += Fraction(l1) * abs_sum
+        if l2:
+            total += Fraction(l2) * squares
+    return total
+
+
+def exact_grad(x: np.ndarray, l1: float, l2: float) -> list[Fraction]:
+    wide = np.asarray(x).astype(np.float64).ravel().tolist()
+    return [
+        (Fraction(l1) * ((v > 0) - (v < 0)) if l1 else 0)
+        + (2 * Fraction(l2) * Fraction(v) if l2 else 0)
+        for v in wide
+    ]
+
+
+def assert_relative(got: Any, exact: Fraction, bound: float) -> None:
+    error = abs(Fraction(float(got)) - exact)
+    assert error <= Fraction(bound) * abs(exact), (float(got), float(exact), float(error))
+
+
+def compute_name(dtype: Any) -> str:
+    return "float64" if np.dtype(dtype) == np.float64 else "float32"
+
+
+def sample(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and gradients against exact references
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_value_against_exact(implementation: str, dtype: Any, rng: np.random.Generator) -> None:
+    x = sample(rng, (37, 29), dtype)
+    l1, l2 = 0.01, 0.25
+    value = penalty(x, l1, l2, implementation=implementation)
+    assert value.dtype == jnp.float32
+    exact = exact_penalty([np.asarray(x)], l1, l2)
+    if implementation == "native":  # the core's sums in float64, rounded once to float32
+        assert abs(float(value) - float(exact)) <= ulp_of(float(exact), np.float32)
+    else:
+        assert_relative(value, exact, (x.size + 4) * UNIT_ROUNDOFF["float32"])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_float64_value_and_grad_against_exact(
+    implementation: str, x64: None, rng: np.random.Generator
+) -> None:
+    x = jnp.asarray(rng.standard_normal(1001))
+    assert x.dtype == jnp.float64
+    l1, l2 = 1e-3, 0.3
+    value, grad = jax.value_and_grad(penalty)(x, l1, l2, implementation=implementation)
+    assert value.dtype == jnp.float64 and grad.dtype == jnp.float64
+    exact = exact_penalty([np.asarray(x)], l1, l2)
+    bound = 4 * UNIT_ROUNDOFF["float64"] if implementation == "native" else (x.size + 4) * 2.0**-53
+    assert_relative(value, exact, bound)
+    for got, want in zip(np.asarray(grad).tolist(), exact_grad(np.asarray(x), l1, l2), strict=True):
+        assert abs(Fraction(got) - want) <= Fraction(2.0**-52) * abs(want)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_grad_against_exact(implementation: str, dtype: Any, rng: np.random.Generator) -> None:
+    x = sample(rng, (300,), dtype).at[:3].set(0.0)
+    l1, l2 = 0.125, 0.75
+    grad = jax.jit(jax.grad(lambda v: penalty(v, l1, l2, implementation=implementation)))(x)
+    assert grad.dtype == x.dtype
+    assert np.all(np.asarray(grad[:3], np.float32) == 0)
+    # jnp: float32 arithmetic, then one rounding to the leaf's dtype; native: correctly rounded.
+    slack = 4 * UNIT_ROUNDOFF["float32"]
+    for got, want, v in zip(
+        np.asarray(grad, np.float64).tolist(),
+        exact_grad(np.asarray(x), l1, l2),
+        np.asarray(x, np.float64).tolist(),
+        strict=True,
+    ):
+        magnitude = l1 + 2 * l2 * abs(v)
+        tolerance = ulp_of(float(want), dtype) + slack * magnitude
+        assert abs(got - float(want)) <= tolerance, (v, got, float(want))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradient_at_zero_is_zero(implementation: str) -> None:
+    x = jnp.array([0.0, -0.0, 1.0, -1.0], jnp.float32)
+    grad = jax.grad(penalty)(x, 0.5, 0.0, implementation=implementation)
+    np.testing.assert_array_equal(np.asarray(grad), [0.0, 0.0, 0.5, -0.5])
+    # JAX's own derivative of |x| at 0 is 1: the plain formula differs exactly there.
+    plain = jax.grad(lambda v: 0.5 * jnp.sum(jnp.abs(v)))(x)
+    assert float(plain[0]) == 0.5
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_check_grads_away_from_zero(implementation: str, x64: None) -> None:
+    x = jnp.array([[0.5, -1.25, 2.0], [-0.75, 3.0, 1.5]])
+    tree = {"a": x, "b": jnp.array([0.3, -0.4])}
+    jax.test_util.check_grads(
+        lambda t: penalty(t, 0.25, 0.5, implementation=implementation),
+        (tree,),
+        order=1,
+        modes=("fwd", "rev"),
+    )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_zero_factor_drops_its_term(implementation: str) -> None:
+    x = jnp.array([1.0, jnp.nan, -2.0, jnp.inf])
+    assert float(penalty(x, implementation=implementation)) == 0.0
+    assert np.isnan(float(penalty(x, 1.0, implementation=implementation)))
+    finite = jnp.array([1.0, -2.0])
+    assert float(penalty(finite, 0.0, 0.5, implementation=implementation)) == 2.5
+    assert float(penalty(finite, 0.5, 0.0, implementation=implementation)) == 1.5
+    grad = jax.grad(penalty)(finite, 0.0, 0.5, implementation=implementation)
+    np.testing.assert_array_equal(np.asarray(grad), [1.0, -2.0])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_float16_squares_do_not_overflow(implementation: str) -> None:
+    x = jnp.full((4,), 60000.0, jnp.float16)  # x**2 overflows float16, not float32
+    value, grad = jax.value_and_grad(penalty)(x, 0.0, 1e-6, implementation=implementation)
+    assert_relative(value, exact_penalty([np.asarray(x)], 0.0, 1e-6), 8 * UNIT_ROUNDOFF["float32"])
+    np.testing.assert_array_equal(np.asarray(grad), np.full(4, np.float16(2e-6 * 60000.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations and pytrees
+
+
+def mixed_tree(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "dense": {"w": sample(rng, (5, 3), jnp.float32), "b": sample(rng, (3,), jnp.float32)},
+        "half": sample(rng, (4, 2, 2), jnp.float16),
+        "brain": sample(rng, (7,), jnp.bfloat16),
+        "scalar": jnp.array(-1.5, jnp.float32),
+        "empty": jnp.zeros((0, 3), jnp.float32),
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_pytree_value_and_grad(implementation: str, rng: np.random.Generator) -> None:
+    tree = mixed_tree(rng)
+    l1, l2 = 0.05, 0.5
+    function = jax.jit(
+        jax.value_and_grad(lambda t: penalty(t, l1, l2, implementation=implementation))
+    )
+    value, grads = function(tree)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+    total = sum(jnp.size(leaf) for leaf in leaves)
+    assert value.dtype == jnp.float32
+    assert_relative(value, exact_penalty(leaves, l1, l2), (total + 8) * UNIT_ROUNDOFF["float32"])
+    assert jax.tree.structure(grads) == jax.tree.structure(tree)
+    for leaf, grad in zip(jax.tree.leaves(tree), jax.tree.leaves(grads), strict=True):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        single = jax.grad(penalty)(leaf, l1, l2, implementation=implementation)
+        np.testing.assert_array_equal(np.asarray(grad), np.asarray(single))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vmap_gives_per_example_penalties(implementation: str, rng: np.random.Generator) -> None:
+    batch = sample(rng, (6, 4, 5), jnp.float32)
+    other = sample(rng, (3,), jnp.float32)  # not batched
+    l1, l2 = 0.1, 0.2
+
+    def per_example(x: jax.Array) -> jax.Array:
+        return penalty({"x": x, "o": other}, l1, l2, implementation=implementation)
+
+    values = jax.jit(jax.vmap(per_example))(batch)
+    grads = jax.vmap(jax.grad(per_example))(batch)
+    assert values.shape == (6,)
+    for row, value, grad in zip(batch, values, grads, strict=True):
+        leaves = [np.asarray(row), np.asarray(other)]
+        assert_relative(value, exact_penalty(leaves, l1, l2), 32 * UNIT_ROUNDOFF["float32"])
+        np.testing.assert_array_equal(np.asarray(grad), np.asarray(jax.grad(per_example)(row)))
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    x = jnp.ones(3)
+    with pytest.raises(ValueError, match="l1 must be a finite non-negative"):
+        penalty(x, -1.0)
+    with pytest.raises(ValueError, match="l2 must be a finite non-negative"):
+        penalty(x, 0.0, float("nan"))
+    with pytest.raises(TypeError, match=r"params\['steps'\] has dtype int32"):
+        penalty({"w": x, "steps": jnp.arange(3)}, 0.1)
+    with pytest.raises(TypeError, match="l1 must be a concrete number"):
+        jax.jit(lambda w, f: penalty(w, f))(x, 0.5)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        penalty(x, 0.1, implementation="cuda")
+    with pytest.raises(ValueError, match="lr must be a finite non-negative"):
+        prox(x, -0.1, 0.1)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        add_l1l2_grads(0.1).update(x, (), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The proximal step
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_prox_against_exact(dtype: Any, rng: np.random.Generator) -> None:
+    x = sample(rng, (200,), dtype)
+    lr, l1, l2 = 0.5, 0.25, 0.125
+    got = jax.jit(lambda v, rate: prox(v, rate, l1, l2))(x, lr)  # lr traced
+    assert got.dtype == x.dtype
+    pairs = zip(
+        np.asarray(got, np.float64).tolist(), np.asarray(x, np.float64).tolist(), strict=True
+    )
+    for value, v in pairs:
+        shrunk = max(abs(Fraction(v)) - Fraction(lr) * Fraction(l1), Fraction(0))
+        want = (1 if v > 0 else -1) * shrunk / (1 + 2 * Fraction(lr) * Fraction(l2))
+        tolerance = ulp_of(float(want), dtype) + 4 * UNIT_ROUNDOFF["float32"] * abs(v)
+        assert abs(value - float(want)) <= tolerance
+        if abs(v) <= lr * l1:
+            assert value == 0.0
+
+
+def test_prox_matches_the_native_in_place_step(rng: np.random.Generator) -> None:
+    x = np.asarray(sample(rng, (64,), jnp.float32))
+    expected = l1l2_rs.prox_(x.copy(), 0.1, 0.5, 0.25)
+    got = np.asarray(prox({"w": jnp.asarray(x)}, 0.1, 0.5, 0.25)["w"])
+    np.testing.assert_allclose(got, expected, rtol=4 * UNIT_ROUNDOFF["float32"], atol=0)
+    np.testing.assert_array_equal(got == 0, expected == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def init_mlp(rng: np.random.Generator) -> dict[str, jax.Array]:
+    # Random biases too: no parameter starts at exactly 0, where jnp.abs's derivative is 1.
+    return {
+        "w1": jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
+        "b1": jnp.asarray(0.1 * rng.standard_normal(8), jnp.float32),
+        "w2": jnp.asarray(rng.standard_normal((8, 1)), jnp.float32),
+        "b2": jnp.asarray(0.1 * rng.standard_normal(1), jnp.float32),
+    }
+
+
+def data_loss(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean((hidden @ params["w2"] + params["b2"] - y) ** 2)
+
+
+L1, L2, LR, STEPS = 1e-2, 1e-2, 0.1, 20
+
+
+def train(loss: Any, params: Any, x: jax.Array, y: jax.Array) -> Any:
+    step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - LR * g, p, jax.grad(loss)(p, x, y)))
+    for _ in range(STEPS):
+        params = step(params)
+    return params
+
+
+def plain_penalty(params: Any) -> jax.Array:
+    leaves = jax.tree.leaves(params)
+    return sum(L1 * jnp.sum(jnp.abs(w)) + L2 * jnp.sum(w * w) for w in leaves)
+
+
+@pytest.fixture
+def regression(rng: np.random.Generator) -> tuple[Any, jax.Array, jax.Array]:
+    x = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((32, 1)), jnp.float32)
+    return init_mlp(rng), x, y
+
+
+def assert_trees_close(a: Any, b: Any, rtol: float, atol: float = 0.0) -> None:
+    for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(left), np.asarray(right), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_sgd_with_penalty_matches_plain_formula(
+    implementation: str, regression: tuple[Any, jax.Array, jax.Array]
+) -> None:
+    params, x, y = regression
+
+    def ours(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        return data_loss(p, x, y) + penalty(p, L1, L2, implementation=implementation)
+
+    def plain(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        return data_loss(p, x, y) + plain_penalty(p)
+
+    trained = train(ours, params, x, y)
+    assert_trees_close(trained, train(plain, params, x, y), rtol=1e-5, atol=1e-6)
+    unregularized = train(data_loss, params, x, y)
+    difference = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(unregularized), strict=True)
+    )
+    assert difference > 1e-3
+
+
+def run_optax(optimizer: Any, params: Any, x: jax.Array, y: jax.Array) -> Any:
+    @jax.jit
+    def step(p: Any, state: Any) -> tuple[Any, Any]:
+        updates, state = optimizer.update(jax.grad(data_loss)(p, x, y), state, p)
+        return optax.apply_updates(p, updates), state
+
+    state = optimizer.init(params)
+    for _ in range(STEPS):
+        params, state = step(params, state)
+    return params
+
+
+def test_optax_add_l1l2_grads_matches_hand_written(
+    regression: tuple[Any, jax.Array, jax.Array],
+) -> None:
+    params, x, y = regression
+    optimizer = optax.chain(add_l1l2_grads(L1, L2), optax.sgd(LR))
+    chained = run_optax(optimizer, params, x, y)
+    by_hand = train(lambda p, x, y: data_loss(p, x, y) + penalty(p, L1, L2), params, x, y)
+    assert_trees_close(chained, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_optax_proximal_sgd_matches_hand_written(
+    regression: tuple[Any, jax.Array, jax.Array],
+) -> None:
+    params, x, y = regression
+    l1 = 0.05  # large enough that some weights reach exactly 0
+    chained = run_optax(optax.chain(optax.sgd(LR), apply_l1l2_prox(LR, l1, L2)), params, x, y)
+
+    @jax.jit
+    def step(p: Any) -> Any:
+        return prox(
+            jax.tree.map(lambda w, g: w - LR * g, p, jax.grad(data_loss)(p, x, y)), LR, l1, L2
+        )
+
+    by_hand = params
+    for _ in range(STEPS):
+        by_hand = step(by_hand)
+    assert_trees_close(chained, by_hand, rtol=1e-5, atol=1e-6)
+    zeros = sum(int(jnp.sum(leaf == 0)) for leaf in jax.tree.leaves(chained))
+    assert zeros > 0
+    assert zeros == sum(int(jnp.sum(leaf == 0)) for leaf in jax.tree.leaves(by_hand))
+
+
+def test_transformations_import_without_optax() -> None:
+    code = (
+        "import sys; sys.modules['optax'] = None\n"
+        "import jax.numpy as jnp\n"
+        "from l1l2_rs.jax import GradientTransformation, add_l1l2_grads, apply_l1l2_prox\n"
+        "t = add_l1l2_grads(0.5, 0.0)\n"
+        "assert type(t) is GradientTransformation, type(t)\n"
+        "p = jnp.array([1.0, 0.0, -2.0])\n"
+        "u, _ = t.update(jnp.zeros(3), t.init(p), p)\n"
+        "assert u.tolist() == [0.5, 0.0, -0.5], u\n"
+        "t = apply_l1l2_prox(lambda count: 0.5, 1.0)\n"
+        "u, s = t.update(jnp.zeros(3), t.init(p), p)\n"
+        "assert (p + u).tolist() == [0.5, 0.0, -1.5] and int(s.count) == 1, (u, s)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_importing_l1l2_rs_does_not_import_jax() -> None:
+    code = "import sys, l1l2_rs; assert 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_bfloat16_is_ml_dtypes_bfloat16() -> None:  # the exact references read it through numpy
+    assert np.dtype(jnp.bfloat16) == np.dtype(ml_dtypes.bfloat16)
