@@ -29,7 +29,7 @@ import l1l2_rs
 from conftest import exact_sums, ulp_of
 from l1l2_rs.jax import add_l1l2_grads, apply_l1l2_prox, penalty, prox
 
-IMPLEMENTATIONS = ["jnp"]
+IMPLEMENTATIONS = ["jnp", "native"]
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 
 
@@ -168,6 +168,16 @@ def test_float16_squares_do_not_overflow(implementation: str) -> None:
     value, grad = jax.value_and_grad(penalty)(x, 0.0, 1e-6, implementation=implementation)
     assert_relative(value, exact_penalty([np.asarray(x)], 0.0, 1e-6), 8 * UNIT_ROUNDOFF["float32"])
     np.testing.assert_array_equal(np.asarray(grad), np.full(4, np.float16(2e-6 * 60000.0)))
+
+
+def test_native_bfloat16_sums_in_float64() -> None:
+    # bfloat16 has float32's range: 1e20**2 overflows float32 (the jnp implementation gives inf),
+    # while the native core sums in float64 and rounds only the penalty to float32.
+    x = jnp.full((4,), 1e20, jnp.bfloat16)
+    value = penalty(x, 0.0, 1e-30, implementation="native")
+    exact = exact_penalty([np.asarray(x)], 0.0, 1e-30)
+    assert abs(float(value) - float(exact)) <= ulp_of(float(exact), np.float32)
+    assert np.isinf(float(penalty(x, 0.0, 1e-30, implementation="jnp")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,3 +416,128 @@ def test_importing_l1l2_rs_does_not_import_jax() -> None:
 
 def test_bfloat16_is_ml_dtypes_bfloat16() -> None:  # the exact references read it through numpy
     assert np.dtype(jnp.bfloat16) == np.dtype(ml_dtypes.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native implementation: the XLA FFI handlers
+
+
+def native_call(target: str, operands: list[Any], results: Any, **attributes: Any) -> Any:
+    l1l2_rs.jax._register_native()
+    return jax.ffi.ffi_call(target, results)(*operands, **attributes)
+
+
+SCALAR = jax.ShapeDtypeStruct((), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"l1": -1.0, "l2": 0.0}, r"l1 must be a finite number >= 0, got -1\.0"),
+        ({"l1": 0.5, "l2": float("inf")}, r"l2 must be a finite number >= 0, got inf"),
+        ({"l1": 0.5}, "the attributes l1 and l2 are required"),
+        ({"l1": 0.5, "l2": 0.1, "l3": 1.0}, 'unexpected attribute "l3"'),
+        ({"l1": np.int32(1), "l2": 0.0}, "attribute l1 must be a float64 or float32 scalar"),
+        ({"l1": "one", "l2": 0.0}, "attribute l1 must be a float scalar"),
+    ],
+)
+def test_native_refuses_bad_attributes(attributes: dict[str, Any], message: str) -> None:
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+        native_call("l1l2_rs_penalty", [jnp.ones(3)], SCALAR, **attributes)
+
+
+def test_native_refuses_bad_operands_and_results() -> None:
+    factors = {"l1": 0.5, "l2": 0.25}
+    with pytest.raises(jax.errors.JaxRuntimeError, match="operand 1 has XLA dtype code 4"):
+        native_call("l1l2_rs_penalty", [jnp.ones(3), jnp.arange(3)], SCALAR, **factors)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="2 operands need 3 results, got 2"):
+        results = [SCALAR, jax.ShapeDtypeStruct((3,), jnp.float32)]
+        native_call("l1l2_rs_value_and_grad", [jnp.ones(3), jnp.ones(2)], results, **factors)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="result 1 must have the dtype and shape"):
+        results = [SCALAR, jax.ShapeDtypeStruct((4,), jnp.float32)]
+        native_call("l1l2_rs_value_and_grad", [jnp.ones(3)], results, **factors)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="does not start with the batch shape"):
+        batched = jax.ShapeDtypeStruct((2,), jnp.float32)
+        native_call("l1l2_rs_penalty", [jnp.ones((3, 2))], batched, **factors)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="must be float32 or float64"):
+        half = jax.ShapeDtypeStruct((), jnp.float16)
+        native_call("l1l2_rs_penalty", [jnp.ones(3)], half, **factors)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_native_matches_l1l2_rs_bit_for_bit(dtype: Any, rng: np.random.Generator) -> None:
+    x = sample(rng, (50_000,), dtype).at[:5].set(0.0)
+    l1, l2 = 1e-4, 1e-3
+    value, grad = jax.jit(
+        jax.value_and_grad(lambda v: penalty(v, l1, l2, implementation="native"))
+    )(x)
+    array = np.asarray(x)
+    # The same core: the gradient has l1l2_rs.grad's bits. The penalty is rounded once to
+    # float32 (l1l2_rs.penalty rounds to the input's dtype, the same rule for float32 only).
+    np.testing.assert_array_equal(np.asarray(grad), l1l2_rs.grad(array, l1, l2))
+    sum_abs, sum_squares = l1l2_rs.sums(array)
+    assert np.float32(value) == np.float32(l1 * sum_abs + l2 * sum_squares)
+    if dtype == jnp.float32:
+        assert np.float32(value) == l1l2_rs.penalty(array, l1, l2)
+    assert np.float32(penalty(x, l1, l2, implementation="native")) == np.float32(value)
+
+
+def test_native_float64_matches_l1l2_rs_bit_for_bit(x64: None, rng: np.random.Generator) -> None:
+    tree = {
+        "a": jnp.asarray(rng.standard_normal((300, 7))),
+        "b": jnp.asarray(rng.standard_normal(9)),
+    }
+    value, grads = jax.value_and_grad(lambda t: penalty(t, 0.1, 0.2, implementation="native"))(tree)
+    leaves = [np.asarray(tree["a"]), np.asarray(tree["b"])]
+    assert float(value) == l1l2_rs.penalty_many(leaves, 0.1, 0.2)
+    np.testing.assert_array_equal(np.asarray(grads["a"]), l1l2_rs.grad(leaves[0], 0.1, 0.2))
+
+
+def test_native_pytree_is_one_call_with_per_leaf_rounding(rng: np.random.Generator) -> None:
+    tree = mixed_tree(rng)
+    function = jax.jit(lambda t: penalty(t, 0.05, 0.5, implementation="native"))
+    hlo = function.lower(tree).compile().as_text()
+    assert hlo.count('custom_call_target="l1l2_rs_penalty"') == 1
+    # Each leaf's penalty rounded to float32, added in float64 in leaf order, rounded once.
+    total = 0.0
+    for leaf in jax.tree.leaves(tree):
+        sum_abs, sum_squares = l1l2_rs.sums(np.asarray(leaf))
+        total += float(np.float32(0.05 * sum_abs + 0.5 * sum_squares))
+    assert np.float32(function(tree)) == np.float32(total)
+
+
+def test_native_nested_vmap(rng: np.random.Generator) -> None:
+    batch = sample(rng, (3, 4, 10), jnp.float32)
+    shared = sample(rng, (5,), jnp.float16)
+
+    def one(x: jax.Array) -> jax.Array:
+        return penalty([x, shared], 0.5, 0.25, implementation="native")
+
+    values = jax.jit(jax.vmap(jax.vmap(one)))(batch)
+    grads = jax.vmap(jax.vmap(jax.grad(one)))(batch)
+    assert values.shape == (3, 4) and grads.shape == batch.shape
+    for i in range(3):
+        for j in range(4):
+            single = float(one(batch[i, j]))  # the same core; its bits depend on the address
+            assert abs(float(values[i, j]) - single) <= ulp_of(single, np.float32)
+            np.testing.assert_array_equal(
+                np.asarray(grads[i, j]), np.asarray(jax.grad(one)(batch[i, j]))
+            )
+
+
+def test_auto_uses_the_native_call_on_cpu(rng: np.random.Generator) -> None:
+    x = sample(rng, (1000,), jnp.float32)
+    hlo = jax.jit(jax.value_and_grad(lambda v: penalty(v, 0.1, 0.2))).lower(x).compile().as_text()
+    assert 'custom_call_target="l1l2_rs_value_and_grad"' in hlo
+    auto = jax.value_and_grad(penalty)(x, 0.1, 0.2)
+    native = jax.value_and_grad(penalty)(x, 0.1, 0.2, implementation="native")
+    assert auto[0] == native[0]
+    np.testing.assert_array_equal(np.asarray(auto[1]), np.asarray(native[1]))
+
+
+def test_empty_pytree_and_empty_leaves() -> None:
+    for implementation in IMPLEMENTATIONS:
+        assert float(penalty({}, 1.0, 1.0, implementation=implementation)) == 0.0
+        empty = jnp.zeros((0, 4))
+        value, grad = jax.value_and_grad(penalty)(empty, 1.0, 1.0, implementation=implementation)
+        assert float(value) == 0.0 and grad.shape == (0, 4)

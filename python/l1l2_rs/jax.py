@@ -1,5 +1,8 @@
 """The L1/L2 penalty as a differentiable JAX function, and optax-style transformations.
 
+``penalty`` runs the l1l2-rs core inside jitted code as an XLA FFI custom call on CPU (registered
+with XLA on first use), and XLA's own ops elsewhere; both have the same gradient rule (0 at 0).
+
 ``import l1l2_rs.jax`` imports JAX; ``import l1l2_rs`` never does. Optax is optional: the
 transformations are ``optax.GradientTransformation`` objects when optax is installed, and the same
 ``(init, update)`` named tuple otherwise, so they work in ``optax.chain`` either way.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _l1l2_rs
 from .regularizers import _factor
 
 __all__ = [
@@ -37,6 +42,9 @@ __all__ = [
 ]
 
 Array = Any  # jax.Array or a tracer of one; jax's own annotations are not precise enough here
+# Untyped in jax's annotations: called through Any.
+_ffi: Any = jax.ffi
+_ShapeDtypeStruct: Any = jax.ShapeDtypeStruct
 
 #: Leaf dtypes the penalty takes, and the dtype each is computed in.
 _COMPUTE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
@@ -46,7 +54,7 @@ _COMPUTE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
     np.dtype(np.float64): np.dtype(np.float64),
 }
 
-_IMPLEMENTATIONS = ("auto", "jnp")
+_IMPLEMENTATIONS = ("auto", "native", "jnp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +141,74 @@ def _jnp_value_and_grads(l1: float, l2: float, leaves: list[Array]) -> tuple[Arr
 
 
 # ---------------------------------------------------------------------------------------------
+# The penalty: the native implementation, the l1l2-rs core as XLA FFI custom calls (CPU)
+
+_PENALTY_TARGET = "l1l2_rs_penalty"
+_VALUE_AND_GRAD_TARGET = "l1l2_rs_value_and_grad"
+_registration = threading.Lock()
+_registered: list[bool] = []
+
+
+def _register_native() -> None:
+    """Registers the handlers with XLA, once, on first use."""
+    if _registered:
+        return
+    with _registration:
+        if not _registered:
+            handlers, _api_version = _l1l2_rs.xla_ffi_handlers()
+            for name, capsule in handlers.items():
+                _ffi.register_ffi_target(name, capsule, platform="cpu")
+            _registered.append(True)
+
+
+def _native_call(target: str, results: Any, l1: float, l2: float, leaves: list[Array]) -> Any:
+    _register_native()
+    # broadcast_all: under vmap every operand and result gets the batch dimensions in front, and
+    # the handler reads the penalty result's rank as the number of batch dimensions.
+    call = _ffi.ffi_call(target, results, vmap_method="broadcast_all")
+    return call(*leaves, l1=np.float64(l1), l2=np.float64(l2))
+
+
+def _native_value(l1: float, l2: float, leaves: list[Array]) -> Array:
+    result = _ShapeDtypeStruct((), _result_dtype(leaves))
+    return _native_call(_PENALTY_TARGET, result, l1, l2, leaves)
+
+
+def _native_value_and_grads(l1: float, l2: float, leaves: list[Array]) -> tuple[Array, list[Array]]:
+    results = [_ShapeDtypeStruct((), _result_dtype(leaves))]
+    results += [_ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    value, *grads = _native_call(_VALUE_AND_GRAD_TARGET, results, l1, l2, leaves)
+    # In the compute dtype, as the jnp implementation's (both feed the same tangent formula).
+    return value, [g.astype(_compute_dtype(x)) for x, g in zip(leaves, grads, strict=True)]
+
+
+def _choose(
+    implementation: str,
+    leaves: list[Array],
+    native: Callable[..., Any],
+    portable: Callable[..., Any],
+) -> Any:
+    """Runs ``native`` or ``portable`` (jnp) on the leaves, as ``implementation`` asks; "auto"
+    takes the native one on CPU for inputs large enough for it to pay."""
+    if not leaves or implementation == "jnp":
+        return portable(*leaves)
+    if implementation == "native":
+        return native(*leaves)
+    return jax.lax.platform_dependent(*leaves, cpu=native, default=portable)
+
+
+# ---------------------------------------------------------------------------------------------
 # The penalty: one differentiable function over the leaves, for either implementation
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _penalty_of_leaves(l1: float, l2: float, implementation: str, leaves: list[Array]) -> Array:
-    return _jnp_value(l1, l2, leaves)
+    return _choose(
+        implementation,
+        leaves,
+        lambda *xs: _native_value(l1, l2, list(xs)),
+        lambda *xs: _jnp_value(l1, l2, list(xs)),
+    )
 
 
 @_penalty_of_leaves.defjvp
@@ -150,11 +220,18 @@ def _penalty_jvp(
     tangents: tuple[list[Array]],
 ) -> tuple[Array, Array]:
     (leaves,), (leaf_tangents,) = primals, tangents
-    value, grads = _jnp_value_and_grads(l1, l2, leaves)
-    # Linear in the tangents: reverse mode transposes it into `cotangent * grad` per leaf.
+    value, grads = _choose(
+        implementation,
+        leaves,
+        lambda *xs: _native_value_and_grads(l1, l2, list(xs)),
+        lambda *xs: _jnp_value_and_grads(l1, l2, list(xs)),
+    )
+    # Linear in the tangents: reverse mode transposes it into `cotangent * grad` per leaf,
+    # multiplied in the compute dtype and rounded once to the leaf's dtype.
     tangent = jnp.zeros((), value.dtype)
-    for grad, dx in zip(grads, leaf_tangents, strict=True):
-        tangent = tangent + jnp.sum(grad * dx.astype(grad.dtype)).astype(value.dtype)
+    for x, grad, dx in zip(leaves, grads, leaf_tangents, strict=True):
+        wide = _compute_dtype(x)
+        tangent = tangent + jnp.sum(grad.astype(wide) * dx.astype(wide)).astype(value.dtype)
     return value, tangent
 
 
@@ -171,13 +248,25 @@ def penalty(params: Any, l1: Any = 0.0, l2: Any = 0.0, *, implementation: str = 
     gives 0, a subgradient that keeps exact zeros where they are.)
 
     **Dtypes.** Leaves must be float16, bfloat16, float32 or float64 (anything else: ``TypeError``
-    naming the leaf). float16 and bfloat16 leaves are computed in float32, so their squares and
-    sums do not overflow. The result is a float32 scalar, or float64 when a leaf is float64
-    (``jax_enable_x64``). Gradients have their leaf's dtype.
+    naming the leaf). The result is a float32 scalar, or float64 when a leaf is float64
+    (``jax_enable_x64``); gradients have their leaf's dtype.
+
+    **Implementations.** ``implementation="native"`` runs the l1l2-rs core through an XLA FFI
+    custom call (CPU only): the whole pytree in one call, the value and all gradients in one pass
+    over the weights. Each leaf's penalty is summed in float64 and rounded once to float32
+    (float64 leaves: kept in float64); the leaf penalties are added in float64 and the total
+    rounded once. Gradients are correctly rounded (they have ``l1l2_rs.grad``'s bits).
+    ``"jnp"`` uses XLA's own ops: each leaf is summed in float32 (float16 and bfloat16 leaves are
+    widened to float32 first, so float16 squares do not overflow; bfloat16 squares above 1.8e19
+    do, as float32's) or float64, and the leaf penalties are added in the result dtype. ``"auto"``
+    (the default) is the native call on CPU and jnp elsewhere (``jax.lax.platform_dependent``).
+    Under ``jax.vmap`` the native call batches itself (``vmap_method="broadcast_all"``: one call
+    for the whole batch, unbatched leaves broadcast). Reverse mode multiplies the gradient by the
+    cotangent with a jnp multiply, which XLA removes when the cotangent is 1 (``jax.grad`` of the
+    penalty itself, or of ``loss + penalty``).
 
     ``l1`` and ``l2`` must be concrete, finite numbers >= 0 (they are static: changing them
-    recompiles a jitted caller). ``implementation``: ``"jnp"`` (XLA's own ops), ``"native"`` (the
-    l1l2-rs core through an XLA FFI call, CPU only) or ``"auto"``.
+    recompiles a jitted caller).
     """
     l1f, l2f = _static_factor("l1", l1), _static_factor("l2", l2)
     if implementation not in _IMPLEMENTATIONS:
