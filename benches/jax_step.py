@@ -11,7 +11,11 @@ rounds, per call. Rows:
 
 - dispatch at 1e3 float32: an empty jitted function (``x + 0``, the floor of a jitted call), the
   jnp penalty and the native penalty (the FFI call's overhead is its excess over jnp);
-- ``jit(penalty)`` and ``jit(value_and_grad(penalty))`` at 1e6 and 1e7 float32;
+- ``jit(penalty)`` and ``jit(value_and_grad(penalty))`` at 1e6 and 1e7 float32, and
+  ``jit(value_and_grad(lambda x: 0.5 * penalty(x)))``, whose backward pass multiplies the
+  gradient by the cotangent 0.5 (with cotangent 1 XLA drops that multiply); next to them
+  ``jit(-x)``, which reads the input once and writes a new array of the same size: the floor of
+  any jitted function that returns a gradient (including XLA's allocation of the new buffer);
 - a model-like pytree (a 4-layer MLP's 8 weights and biases, 1.1e6 float32 values), which the
   native implementation sends through one FFI call.
 """
@@ -62,6 +66,13 @@ def penalty_fn(implementation: str) -> Callable[[Any], Any]:
 
 def value_and_grad_fn(implementation: str) -> Callable[[Any], Any]:
     return jax.jit(jax.value_and_grad(lambda x: penalty(x, L1, L2, implementation=implementation)))
+
+
+def scaled_value_and_grad_fn(implementation: str) -> Callable[[Any], Any]:
+    """The cotangent reaching the penalty is 0.5, not 1: the backward pass multiplies."""
+    return jax.jit(
+        jax.value_and_grad(lambda x: 0.5 * penalty(x, L1, L2, implementation=implementation))
+    )
 
 
 def mlp_params(rng: np.random.Generator) -> dict[str, jax.Array]:
@@ -123,8 +134,11 @@ def main() -> None:
         forward = {"jnp penalty": penalty_fn("jnp"), "native penalty": penalty_fn("native")}
         print("\n".join(row(label, interleaved(forward, x, count))), flush=True)
         fused = {
+            "jit(-x) (read x, write a new array)": jax.jit(lambda x: -x),
             "jnp value_and_grad": value_and_grad_fn("jnp"),
             "native value_and_grad": value_and_grad_fn("native"),
+            "jnp value_and_grad, cotangent 0.5": scaled_value_and_grad_fn("jnp"),
+            "native value_and_grad, cotangent 0.5": scaled_value_and_grad_fn("native"),
         }
         print("\n".join(row(label, interleaved(fused, x, count))), flush=True)
 

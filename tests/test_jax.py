@@ -541,3 +541,10 @@ def test_empty_pytree_and_empty_leaves() -> None:
         empty = jnp.zeros((0, 4))
         value, grad = jax.value_and_grad(penalty)(empty, 1.0, 1.0, implementation=implementation)
         assert float(value) == 0.0 and grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_second_derivatives(implementation: str) -> None:
+    x = jnp.array([0.5, -1.5, 2.0])
+    hessian = jax.hessian(lambda v: penalty(v, 0.25, 0.75, implementation=implementation))(x)
+    np.testing.assert_array_equal(np.asarray(hessian), np.diag([1.5, 1.5, 1.5]))

@@ -174,12 +174,39 @@ def _native_value(l1: float, l2: float, leaves: list[Array]) -> Array:
     return _native_call(_PENALTY_TARGET, result, l1, l2, leaves)
 
 
+def _tangent(leaves: list[Array], grads: list[Array], tangents: list[Array], dtype: Any) -> Array:
+    """The penalty's tangent, ``sum(grad * dx)`` over the leaves, in the compute dtype. Linear in
+    the tangents: reverse mode transposes it into ``cotangent * grad`` per leaf, multiplied in the
+    compute dtype and rounded once to the leaf's dtype."""
+    total = jnp.zeros((), dtype)
+    for x, grad, dx in zip(leaves, grads, tangents, strict=True):
+        wide = _compute_dtype(x)
+        total = total + jnp.sum(grad.astype(wide) * dx.astype(wide)).astype(dtype)
+    return total
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _native_value_and_grads(l1: float, l2: float, leaves: list[Array]) -> tuple[Array, list[Array]]:
     results = [_ShapeDtypeStruct((), _result_dtype(leaves))]
     results += [_ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     value, *grads = _native_call(_VALUE_AND_GRAD_TARGET, results, l1, l2, leaves)
     # In the compute dtype, as the jnp implementation's (both feed the same tangent formula).
     return value, [g.astype(_compute_dtype(x)) for x, g in zip(leaves, grads, strict=True)]
+
+
+@_native_value_and_grads.defjvp
+def _native_value_and_grads_jvp(
+    l1: float, l2: float, primals: tuple[list[Array]], tangents: tuple[list[Array]]
+) -> tuple[tuple[Array, list[Array]], tuple[Array, list[Array]]]:
+    """Second derivatives through the native call: the gradient's derivative is ``2 * l2``
+    (``sign`` is flat away from 0, and taken as flat at 0)."""
+    (leaves,), (leaf_tangents,) = primals, tangents
+    value, grads = _native_value_and_grads(l1, l2, leaves)
+    grad_tangents = [
+        (2 * l2) * dx.astype(grad.dtype) if l2 else jnp.zeros_like(grad)
+        for grad, dx in zip(grads, leaf_tangents, strict=True)
+    ]
+    return (value, grads), (_tangent(leaves, grads, leaf_tangents, value.dtype), grad_tangents)
 
 
 def _choose(
@@ -226,13 +253,7 @@ def _penalty_jvp(
         lambda *xs: _native_value_and_grads(l1, l2, list(xs)),
         lambda *xs: _jnp_value_and_grads(l1, l2, list(xs)),
     )
-    # Linear in the tangents: reverse mode transposes it into `cotangent * grad` per leaf,
-    # multiplied in the compute dtype and rounded once to the leaf's dtype.
-    tangent = jnp.zeros((), value.dtype)
-    for x, grad, dx in zip(leaves, grads, leaf_tangents, strict=True):
-        wide = _compute_dtype(x)
-        tangent = tangent + jnp.sum(grad.astype(wide) * dx.astype(wide)).astype(value.dtype)
-    return value, tangent
+    return value, _tangent(leaves, grads, leaf_tangents, value.dtype)
 
 
 def penalty(params: Any, l1: Any = 0.0, l2: Any = 0.0, *, implementation: str = "auto") -> Array:
