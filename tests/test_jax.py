@@ -548,3 +548,14 @@ def test_second_derivatives(implementation: str) -> None:
     x = jnp.array([0.5, -1.5, 2.0])
     hessian = jax.hessian(lambda v: penalty(v, 0.25, 0.75, implementation=implementation))(x)
     np.testing.assert_array_equal(np.asarray(hessian), np.diag([1.5, 1.5, 1.5]))
+
+
+def test_unregistrable_native_falls_back_in_auto_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a jax or jaxlib too old for the handlers: "auto" warns and uses jnp; "native" raises.
+    monkeypatch.setattr(l1l2_rs.jax, "_registration_outcome", ["RuntimeError: too old"])
+    monkeypatch.setattr(l1l2_rs.jax, "_warned", [])
+    x = jnp.array([1.0, -2.0])
+    with pytest.warns(RuntimeWarning, match=r"native implementation is unavailable \(Runtime"):
+        assert float(penalty(x, 0.5, 0.25)) == 2.75
+    with pytest.raises(RuntimeError, match="could not be registered with XLA"):
+        penalty(x, 0.5, 0.25, implementation="native")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,9 +43,7 @@ __all__ = [
 ]
 
 Array = Any  # jax.Array or a tracer of one; jax's own annotations are not precise enough here
-# Untyped in jax's annotations: called through Any.
-_ffi: Any = jax.ffi
-_ShapeDtypeStruct: Any = jax.ShapeDtypeStruct
+_ShapeDtypeStruct: Any = jax.ShapeDtypeStruct  # untyped in jax's annotations
 
 #: Leaf dtypes the penalty takes, and the dtype each is computed in.
 _COMPUTE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
@@ -146,26 +145,45 @@ def _jnp_value_and_grads(l1: float, l2: float, leaves: list[Array]) -> tuple[Arr
 _PENALTY_TARGET = "l1l2_rs_penalty"
 _VALUE_AND_GRAD_TARGET = "l1l2_rs_value_and_grad"
 _registration = threading.Lock()
-_registered: list[bool] = []
+#: Empty until the first use; then ``[None]`` when the handlers are registered, or
+#: ``[message]`` when registering them failed (then "auto" uses jnp, "native" raises).
+_registration_outcome: list[str | None] = []
+
+
+def _native_unavailable() -> str | None:
+    """Registers the handlers with XLA, once, on first use; the reason it failed, if it did."""
+    if not _registration_outcome:
+        with _registration:
+            if not _registration_outcome:
+                _registration_outcome.append(_register_handlers())
+    return _registration_outcome[0]
+
+
+def _register_handlers() -> str | None:
+    try:
+        ffi: Any = jax.ffi  # public since jax 0.4.38
+        handlers, _api_version = _l1l2_rs.xla_ffi_handlers()
+        for name, capsule in handlers.items():
+            ffi.register_ffi_target(name, capsule, platform="cpu")
+    except Exception as error:  # an older jax or jaxlib: reported, never a crash
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _register_native() -> None:
-    """Registers the handlers with XLA, once, on first use."""
-    if _registered:
-        return
-    with _registration:
-        if not _registered:
-            handlers, _api_version = _l1l2_rs.xla_ffi_handlers()
-            for name, capsule in handlers.items():
-                _ffi.register_ffi_target(name, capsule, platform="cpu")
-            _registered.append(True)
+    problem = _native_unavailable()
+    if problem is not None:
+        raise RuntimeError(
+            f"l1l2_rs.jax: the native implementation could not be registered with XLA ({problem})"
+        )
 
 
 def _native_call(target: str, results: Any, l1: float, l2: float, leaves: list[Array]) -> Any:
     _register_native()
     # broadcast_all: under vmap every operand and result gets the batch dimensions in front, and
     # the handler reads the penalty result's rank as the number of batch dimensions.
-    call = _ffi.ffi_call(target, results, vmap_method="broadcast_all")
+    ffi: Any = jax.ffi
+    call = ffi.ffi_call(target, results, vmap_method="broadcast_all")
     return call(*leaves, l1=np.float64(l1), l2=np.float64(l2))
 
 
@@ -209,6 +227,19 @@ def _native_value_and_grads_jvp(
     return (value, grads), (_tangent(leaves, grads, leaf_tangents, value.dtype), grad_tangents)
 
 
+def _warn_once(problem: str | None) -> None:
+    if not _warned:
+        _warned.append(True)
+        warnings.warn(
+            f"l1l2_rs.jax: the native implementation is unavailable ({problem}); using jnp",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+_warned: list[bool] = []
+
+
 def _choose(
     implementation: str,
     leaves: list[Array],
@@ -216,8 +247,12 @@ def _choose(
     portable: Callable[..., Any],
 ) -> Any:
     """Runs ``native`` or ``portable`` (jnp) on the leaves, as ``implementation`` asks; "auto"
-    takes the native one on CPU for inputs large enough for it to pay."""
+    takes the native one on CPU (it is faster at every size measured: benches/jax_step.py), and
+    jnp on other platforms or when the handlers cannot be registered (a warning says why)."""
     if not leaves or implementation == "jnp":
+        return portable(*leaves)
+    if implementation == "auto" and _native_unavailable() is not None:
+        _warn_once(_native_unavailable())
         return portable(*leaves)
     if implementation == "native":
         return native(*leaves)
