@@ -170,6 +170,7 @@ const fn end_of(offset: usize, size: usize) -> usize {
     offset + size
 }
 const CALL_FRAME_SIZE: usize = size_of::<abi::CallFrame>();
+const CALL_FRAME_API_END: usize = end_of(offset_of!(abi::CallFrame, api), size_of::<usize>());
 const METADATA_SIZE: usize = end_of(offset_of!(abi::Metadata, traits), size_of::<u32>());
 const METADATA_EXTENSION_SIZE: usize = size_of::<abi::MetadataExtension>();
 const BUFFER_SIZE: usize = size_of::<abi::Buffer>();
@@ -189,17 +190,32 @@ type Failure = String;
 /// # Safety
 /// `frame` is the call frame XLA passes to a handler, valid for the duration of the call.
 unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
+    // Returning no error without writing the results would hand XLA garbage as the answer, so
+    // a call that is not from XLA at all (no frame, or one too small to hold the API through
+    // which errors are reported) stops the process instead.
     if frame.is_null() {
-        return null_mut();
+        eprintln!("l1l2_rs: XLA FFI handler called without a call frame");
+        std::process::abort();
     }
     // SAFETY: XLA passes a valid call frame that outlives the call (the caller's contract); its
-    // first field is the size XLA filled it to, checked before any other field is read.
-    let frame = unsafe { &*frame };
-    if frame.struct_size < CALL_FRAME_SIZE {
-        // Too old a frame to hold even `api`: nothing can be reported through it.
-        return null_mut();
+    // first field is the size XLA filled it to.
+    let size = unsafe { (*frame).struct_size };
+    if size < CALL_FRAME_API_END {
+        eprintln!("l1l2_rs: XLA FFI call frame of {size} bytes");
+        std::process::abort();
     }
-    let api = frame.api;
+    // SAFETY: as above; the frame holds at least the fields up to `api`.
+    let api = unsafe { (*frame).api };
+    if size < CALL_FRAME_SIZE {
+        let message = format!(
+            "l1l2_rs: XLA FFI call frame of {size} bytes, expected at least {CALL_FRAME_SIZE}: \
+             jaxlib is older than the XLA FFI API {API_MAJOR}.{API_MINOR}"
+        );
+        // SAFETY: `api` was read from the frame XLA passed.
+        return unsafe { create_error(api, abi::ERROR_INVALID_ARGUMENT, &message) };
+    }
+    // SAFETY: the frame is valid and filled to at least our size (checked above).
+    let frame = unsafe { &*frame };
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         if !frame.extension_start.is_null() {
             // SAFETY: a non-null extension chain starts with an `ExtensionBase` (c_api.h).
@@ -221,7 +237,13 @@ unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
         ),
     };
     // SAFETY: `api` comes from the valid call frame.
-    unsafe { create_error(api, code, &message) }
+    let error = unsafe { create_error(api, code, &message) };
+    if error.is_null() && frame.extension_start.is_null() {
+        // An execution whose failure cannot be reported must not pass for a success.
+        eprintln!("{message}");
+        std::process::abort();
+    }
+    error
 }
 
 /// An `XLA_FFI_Error` carrying `message`, or null when XLA gave no API to create one with.

@@ -133,6 +133,7 @@ def test_gradient_at_zero_is_zero(implementation: str) -> None:
     x = jnp.array([0.0, -0.0, 1.0, -1.0], jnp.float32)
     grad = jax.grad(penalty)(x, 0.5, 0.0, implementation=implementation)
     np.testing.assert_array_equal(np.asarray(grad), [0.0, 0.0, 0.5, -0.5])
+    assert list(np.signbit(np.asarray(grad))) == [False, True, False, True]  # -0.0 at -0.0
     # JAX's own derivative of |x| at 0 is 1: the plain formula differs exactly there.
     plain = jax.grad(lambda v: 0.5 * jnp.sum(jnp.abs(v)))(x)
     assert float(plain[0]) == 0.5

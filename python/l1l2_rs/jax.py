@@ -119,12 +119,11 @@ def _leaf_penalty(x: Array, l1: float, l2: float) -> Array:
 def _leaf_grad(x: Array, l1: float, l2: float) -> Array:
     """``l1 * sign(x) + 2 * l2 * x`` (``sign(0) = 0``) in the leaf's compute dtype."""
     wide = x.astype(_compute_dtype(x))
-    grad = jnp.zeros_like(wide)
-    if l1:
-        grad = grad + l1 * jnp.sign(wide)
-    if l2:
-        grad = grad + (2 * l2) * wide
-    return grad
+    terms = ([l1 * jnp.sign(wide)] if l1 else []) + ([(2 * l2) * wide] if l2 else [])
+    if not terms:
+        return jnp.zeros_like(wide)
+    # No `0 + ...`: it would turn the gradient -0.0 at x = -0.0 into +0.0.
+    return terms[0] + terms[1] if len(terms) == 2 else terms[0]
 
 
 def _jnp_value(l1: float, l2: float, leaves: list[Array]) -> Array:
