@@ -9,8 +9,9 @@ candidates of one row are timed interleaved (every round calls each once, in a r
 and blocks on the result); the table gives the median and the interquartile range over the
 rounds, per call. Rows:
 
-- dispatch at 1e3 float32: an empty jitted function (``x + 0``, the floor of a jitted call), the
-  jnp penalty and the native penalty (the FFI call's overhead is its excess over jnp);
+- dispatch at 1e3 float32: an almost empty jitted function (``x + 0``, the floor of a jitted
+  call), the plain formula ``l1 * sum(|x|) + l2 * sum(x**2)`` in jnp, the jnp penalty and the
+  native penalty (the FFI call's overhead is its excess over the floor);
 - ``jit(penalty)`` and ``jit(value_and_grad(penalty))`` at 1e6 and 1e7 float32, and
   ``jit(value_and_grad(lambda x: 0.5 * penalty(x)))``, whose backward pass multiplies the
   gradient by the cotangent 0.5 (with cotangent 1 XLA drops that multiply); next to them
@@ -58,6 +59,11 @@ def interleaved(
         for name in names[shift:] + names[:shift]:
             times[name].append(timed(candidates[name], argument))
     return times
+
+
+def plain_formula(x: jax.Array) -> jax.Array:
+    """What a user writes without l1l2_rs (its gradient at 0 is l1, not 0)."""
+    return L1 * jnp.sum(jnp.abs(x)) + L2 * jnp.sum(x * x)
 
 
 def penalty_fn(implementation: str) -> Callable[[Any], Any]:
@@ -119,6 +125,7 @@ def main() -> None:
     small = jnp.asarray(rng.standard_normal(1000), jnp.float32)
     dispatch = {
         "jit(x + 0)": jax.jit(lambda x: x + 0),
+        "plain jnp formula": jax.jit(plain_formula),
         "jnp penalty": penalty_fn("jnp"),
         "native penalty": penalty_fn("native"),
         "jnp value_and_grad": value_and_grad_fn("jnp"),
@@ -131,7 +138,11 @@ def main() -> None:
         x = jnp.asarray(rng.standard_normal(size), jnp.float32)
         count = rounds if size <= 10**6 else big_rounds
         label = f"1e{round(np.log10(size))} float32"
-        forward = {"jnp penalty": penalty_fn("jnp"), "native penalty": penalty_fn("native")}
+        forward = {
+            "plain jnp formula": jax.jit(plain_formula),
+            "jnp penalty": penalty_fn("jnp"),
+            "native penalty": penalty_fn("native"),
+        }
         print("\n".join(row(label, interleaved(forward, x, count))), flush=True)
         fused = {
             "jit(-x) (read x, write a new array)": jax.jit(lambda x: -x),

@@ -215,7 +215,7 @@ def test_pytree_value_and_grad(implementation: str, rng: np.random.Generator) ->
         np.testing.assert_array_equal(np.asarray(grad), np.asarray(single))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "auto"])
 def test_vmap_gives_per_example_penalties(implementation: str, rng: np.random.Generator) -> None:
     batch = sample(rng, (6, 4, 5), jnp.float32)
     other = sample(rng, (3,), jnp.float32)  # not batched
