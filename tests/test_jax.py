@@ -11,10 +11,12 @@ same dtype rules apply.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -560,3 +562,106 @@ def test_unregistrable_native_falls_back_in_auto_only(monkeypatch: pytest.Monkey
         assert float(penalty(x, 0.5, 0.25)) == 2.75
     with pytest.raises(RuntimeError, match="could not be registered with XLA"):
         penalty(x, 0.5, 0.25, implementation="native")
+
+
+# ---------------------------------------------------------------------------------------------
+# The hand-written XLA FFI structs against the installed jaxlib's c_api.h
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The Rust names in src/xla_ffi.rs (module `abi`) of the c_api.h structs and enum values.
+C_STRUCTS = {
+    "ExtensionBase": "XLA_FFI_Extension_Base",
+    "ApiVersion": "XLA_FFI_Api_Version",
+    "Metadata": "XLA_FFI_Metadata",
+    "MetadataExtension": "XLA_FFI_Metadata_Extension",
+    "ErrorCreateArgs": "XLA_FFI_Error_Create_Args",
+    "Api": "XLA_FFI_Api",
+    "Buffer": "XLA_FFI_Buffer",
+    "Args": "XLA_FFI_Args",
+    "Rets": "XLA_FFI_Rets",
+    "ByteSpan": "XLA_FFI_ByteSpan",
+    "Scalar": "XLA_FFI_Scalar",
+    "Attrs": "XLA_FFI_Attrs",
+    "CallFrame": "XLA_FFI_CallFrame",
+}
+C_CONSTANTS = {
+    "EXTENSION_METADATA": "XLA_FFI_Extension_Metadata",
+    "ARG_BUFFER": "XLA_FFI_ArgType_BUFFER",
+    "RET_BUFFER": "XLA_FFI_RetType_BUFFER",
+    "ATTR_SCALAR": "XLA_FFI_AttrType_SCALAR",
+    "ERROR_INVALID_ARGUMENT": "XLA_FFI_Error_Code_INVALID_ARGUMENT",
+    "ERROR_INTERNAL": "XLA_FFI_Error_Code_INTERNAL",
+    "STAGE_EXECUTE": "XLA_FFI_ExecutionStage_EXECUTE",
+    "DTYPE_F16": "XLA_FFI_DataType_F16",
+    "DTYPE_F32": "XLA_FFI_DataType_F32",
+    "DTYPE_F64": "XLA_FFI_DataType_F64",
+    "DTYPE_BF16": "XLA_FFI_DataType_BF16",
+}
+C_ENUM_TYPES = {"XLA_FFI_DataType", "XLA_FFI_ExecutionStage", "XLA_FFI_Extension_Type"}
+C_ENUM_TYPES |= {"XLA_FFI_Error_Code", "int"}
+
+
+def c_header() -> str:
+    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
+    return re.sub(r"//[^\n]*", "", header.read_text())
+
+
+def c_fields(body: str) -> list[tuple[str, str]]:
+    """(field name, kind) of a C struct body; kinds: pointer, size_t, int, int64, uint32 or the
+    name of a nested struct."""
+    fields = []
+    for declaration in filter(None, (" ".join(d.split()) for d in body.split(";"))):
+        entry = re.fullmatch(r"_XLA_FFI_API_STRUCT_FIELD\((\w+)\)", declaration)
+        if entry:
+            fields.append((entry.group(1), "pointer"))
+            continue
+        type_name, name = declaration.rsplit(" ", 1)
+        type_name = type_name.removeprefix("const ").removeprefix("struct ")
+        if "*" in type_name:
+            kind = "pointer"
+        elif type_name in C_ENUM_TYPES:
+            kind = "int"
+        else:
+            kinds = {"int64_t": "int64", "XLA_FFI_Handler_Traits": "uint32"}
+            kind = kinds.get(type_name, type_name)
+        fields.append((name, kind))
+    return fields
+
+
+def rust_fields(body: str) -> list[tuple[str, str]]:
+    fields = []
+    for name, type_name in re.findall(r"pub (\w+): ([^,]+),", body):
+        if type_name.startswith(("*", "Option<")):
+            kind = "pointer"
+        else:
+            kinds = {"usize": "size_t", "c_int": "int", "i64": "int64", "u32": "uint32"}
+            kind = kinds.get(type_name, C_STRUCTS.get(type_name, type_name))
+        fields.append((name.removesuffix("_"), kind))
+    return fields
+
+
+def test_xla_ffi_structs_match_the_installed_header() -> None:
+    header = c_header()
+    c_structs = dict(re.findall(r"struct (XLA_FFI_\w+) \{(.*?)\}", header, re.S))
+    source = (ROOT / "src" / "xla_ffi.rs").read_text()
+    rust_structs = dict(re.findall(r"pub struct (\w+) \{(.*?)\n    \}", source, re.S))
+    assert set(rust_structs) == {*C_STRUCTS, "Error"}
+    for rust_name, c_name in C_STRUCTS.items():
+        ours, theirs = rust_fields(rust_structs[rust_name]), c_fields(c_structs[c_name])
+        # A prefix: the handlers read no field past the ones they transcribe (and check sizes).
+        if rust_name == "Api":
+            theirs = [("error_create" if n == "XLA_FFI_Error_Create" else n, k) for n, k in theirs]
+        assert ours == theirs[: len(ours)], rust_name
+    c_values = {name: int(value) for name, value in re.findall(r"(XLA_FFI_\w+) = (\d+)", header)}
+    rust_values = dict(re.findall(r"pub const (\w+): c_int = (\d+);", source))
+    assert {C_CONSTANTS[name]: int(value) for name, value in rust_values.items()} == {
+        c_name: c_values[c_name] for c_name in C_CONSTANTS.values()
+    }
+
+
+def test_xla_ffi_api_version_is_the_installed_one() -> None:
+    handlers, version = l1l2_rs._l1l2_rs.xla_ffi_handlers()
+    header = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", c_header()))
+    assert version == (int(header["MAJOR"]), int(header["MINOR"]))
+    assert set(handlers) == {"l1l2_rs_penalty", "l1l2_rs_value_and_grad"}
