@@ -174,6 +174,8 @@ const CALL_FRAME_API_END: usize = end_of(offset_of!(abi::CallFrame, api), size_o
 const METADATA_SIZE: usize = end_of(offset_of!(abi::Metadata, traits), size_of::<u32>());
 const METADATA_EXTENSION_SIZE: usize = size_of::<abi::MetadataExtension>();
 const BUFFER_SIZE: usize = size_of::<abi::Buffer>();
+const ERROR_CREATE_ARGS_SIZE: usize =
+    end_of(offset_of!(abi::ErrorCreateArgs, errc), size_of::<c_int>());
 const API_ERROR_CREATE_END: usize = end_of(offset_of!(abi::Api, error_create), size_of::<usize>());
 
 /// What a handler computes.
@@ -187,6 +189,9 @@ enum Op {
 
 type Failure = String;
 
+/// Runs `op` on XLA's call frame (or answers its metadata query) and reports any failure, a
+/// panic included, as an `XLA_FFI_Error`.
+///
 /// # Safety
 /// `frame` is the call frame XLA passes to a handler, valid for the duration of the call.
 unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
@@ -205,45 +210,54 @@ unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
         std::process::abort();
     }
     // SAFETY: as above; the frame holds at least the fields up to `api`.
-    let api = unsafe { (*frame).api };
-    if size < CALL_FRAME_SIZE {
-        let message = format!(
-            "l1l2_rs: XLA FFI call frame of {size} bytes, expected at least {CALL_FRAME_SIZE}: \
-             jaxlib is older than the XLA FFI API {API_MAJOR}.{API_MINOR}"
-        );
-        // SAFETY: `api` was read from the frame XLA passed.
-        return unsafe { create_error(api, abi::ERROR_INVALID_ARGUMENT, &message) };
-    }
-    // SAFETY: the frame is valid and filled to at least our size (checked above).
-    let frame = unsafe { &*frame };
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        if !frame.extension_start.is_null() {
-            // SAFETY: a non-null extension chain starts with an `ExtensionBase` (c_api.h).
-            let extension = unsafe { &*frame.extension_start };
-            if extension.type_ == abi::EXTENSION_METADATA {
-                // SAFETY: an extension of type Metadata is an `XLA_FFI_Metadata_Extension`.
-                return unsafe { report_metadata(frame.extension_start.cast()) };
-            }
+    let (api, extension) = unsafe { ((*frame).api, (*frame).extension_start) };
+    let outcome = if size < CALL_FRAME_SIZE {
+        Err((
+            abi::ERROR_INVALID_ARGUMENT,
+            format!(
+                "l1l2_rs: XLA FFI call frame of {size} bytes, expected at least \
+                 {CALL_FRAME_SIZE}: jaxlib is older than the XLA FFI API {API_MAJOR}.{API_MINOR}"
+            ),
+        ))
+    } else {
+        // SAFETY: the frame is valid and filled to at least our size (checked above).
+        let frame = unsafe { &*frame };
+        // SAFETY: as above.
+        match catch_unwind(AssertUnwindSafe(|| unsafe { run(frame, op) })) {
+            Ok(result) => result.map_err(|message| (abi::ERROR_INVALID_ARGUMENT, message)),
+            Err(_) => Err((
+                abi::ERROR_INTERNAL,
+                "l1l2_rs: internal error (a panic) in the XLA FFI handler".to_owned(),
+            )),
         }
-        // SAFETY: the frame is valid for this call and was filled to at least our size.
-        unsafe { execute(frame, op) }
-    }));
-    let (code, message) = match outcome {
-        Ok(Ok(())) => return null_mut(),
-        Ok(Err(message)) => (abi::ERROR_INVALID_ARGUMENT, message),
-        Err(_) => (
-            abi::ERROR_INTERNAL,
-            "l1l2_rs: internal error (a panic) in the XLA FFI handler".to_owned(),
-        ),
     };
-    // SAFETY: `api` comes from the valid call frame.
+    let Err((code, message)) = outcome else {
+        return null_mut();
+    };
+    // SAFETY: `api` comes from the frame XLA passed.
     let error = unsafe { create_error(api, code, &message) };
-    if error.is_null() && frame.extension_start.is_null() {
-        // An execution whose failure cannot be reported must not pass for a success.
+    if error.is_null() && extension.is_null() {
+        // An execution whose failure cannot be reported must not pass for a success (a failed
+        // metadata query leaves the version unset, which XLA refuses on its own).
         eprintln!("{message}");
         std::process::abort();
     }
     error
+}
+
+/// # Safety
+/// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes.
+unsafe fn run(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
+    if !frame.extension_start.is_null() {
+        // SAFETY: a non-null extension chain starts with an `ExtensionBase` (c_api.h).
+        let extension = unsafe { &*frame.extension_start };
+        if extension.type_ == abi::EXTENSION_METADATA {
+            // SAFETY: an extension of type Metadata is an `XLA_FFI_Metadata_Extension`.
+            return unsafe { report_metadata(frame.extension_start.cast()) };
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { execute(frame, op) }
 }
 
 /// An `XLA_FFI_Error` carrying `message`, or null when XLA gave no API to create one with.
@@ -263,7 +277,7 @@ unsafe fn create_error(api: *const abi::Api, code: c_int, message: &str) -> *mut
     };
     let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
     let mut args = abi::ErrorCreateArgs {
-        struct_size: size_of::<abi::ErrorCreateArgs>(),
+        struct_size: ERROR_CREATE_ARGS_SIZE,
         extension_start: null_mut(),
         message: message.as_ptr(),
         errc: code,
@@ -418,23 +432,35 @@ unsafe fn factors(attrs: &abi::Attrs) -> Result<Factors, Failure> {
     Factors::l1l2(l1, l2).map_err(|error| format!("l1l2_rs: {error}"))
 }
 
+/// Refuses an XLA whose FFI API has another major version, and stages other than execute.
+///
 /// # Safety
 /// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes.
-unsafe fn execute(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
-    // SAFETY: `api` is null or XLA's API struct; the size check guards the fields read.
-    let api = unsafe { frame.api.as_ref() };
-    if let Some(api) = api {
-        if api.api_version.major_version != API_MAJOR {
+unsafe fn check_caller(frame: &abi::CallFrame) -> Result<(), Failure> {
+    // SAFETY: `api` is null or XLA's API struct, whose leading fields every version has.
+    if let Some(api) = unsafe { frame.api.as_ref() } {
+        let version = &api.api_version;
+        if version.major_version != API_MAJOR {
             return Err(format!(
                 "l1l2_rs: XLA FFI API {}.{} is not compatible with the {API_MAJOR}.{API_MINOR} \
                  this handler was written for",
-                api.api_version.major_version, api.api_version.minor_version
+                version.major_version, version.minor_version
             ));
         }
     }
     if frame.stage != abi::STAGE_EXECUTE {
         return Err(format!("l1l2_rs: called for stage {}", frame.stage));
     }
+    Ok(())
+}
+
+/// Decodes the call, checks the results against the operands and runs the core.
+///
+/// # Safety
+/// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes.
+unsafe fn execute(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
+    // SAFETY: the caller's contract.
+    unsafe { check_caller(frame) }?;
     // SAFETY: the frame's tables are valid for the call (the caller's contract).
     let (operands, results, factors) = unsafe {
         let args = &frame.args;
@@ -464,7 +490,10 @@ unsafe fn execute(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
     }
     let (penalty, gradients) = results.split_first().expect("at least one result");
     let batch = penalty.dims.clone();
-    let batch_len: usize = batch.iter().product();
+    let batch_len = batch
+        .iter()
+        .try_fold(1usize, |acc, &dim| acc.checked_mul(dim))
+        .ok_or_else(|| Failure::from("l1l2_rs: the batch is too large"))?;
     let operands = operands
         .iter()
         .enumerate()
