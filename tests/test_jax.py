@@ -665,3 +665,17 @@ def test_xla_ffi_api_version_is_the_installed_one() -> None:
     header = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", c_header()))
     assert version == (int(header["MAJOR"]), int(header["MINOR"]))
     assert set(handlers) == {"l1l2_rs_penalty", "l1l2_rs_value_and_grad"}
+
+
+def test_native_reads_strided_and_transposed_slices(rng: np.random.Generator) -> None:
+    x = sample(rng, (40, 30), jnp.float32)
+
+    def of_slice(v: jax.Array) -> jax.Array:
+        return penalty(v[:, ::3].T, 0.1, 0.2, implementation="native")
+
+    value, grad = jax.jit(jax.value_and_grad(of_slice))(x)
+    piece = np.asarray(x)[:, ::3]
+    assert np.float32(value) == l1l2_rs.penalty(piece, 0.1, 0.2)
+    expected = np.zeros((40, 30), np.float32)
+    expected[:, ::3] = l1l2_rs.grad(piece, 0.1, 0.2)
+    np.testing.assert_array_equal(np.asarray(grad), expected)
