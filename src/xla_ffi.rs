@@ -10,9 +10,11 @@
 //! core view and runs the core. Every failure, and any panic, becomes an `XLA_FFI_Error` that JAX
 //! raises as a Python exception with the message.
 //!
-//! Batching: when the penalty result has rank `k > 0` (`vmap` with `vmap_method="broadcast_all"`
-//! prepends the batch dimensions to every operand and result), the first `k` dimensions of every
-//! operand index the batch, and each batch element gets its own penalty.
+//! Batching: when the penalty result has rank `k > 0` (`vmap` with `vmap_method="expand_dims"`
+//! prepends the batch dimensions to every result, and to every operand: the batch's own for a
+//! batched operand, 1 for the others), the first `k` dimensions of every operand index the batch
+//! (a dimension of 1 stands for every index), and each batch element gets its own penalty. An
+//! operand that is not batched is read in place for every batch element, never copied.
 
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::mem::{offset_of, size_of};
@@ -500,28 +502,32 @@ unsafe fn execute(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
         .map(|(index, buffer)| Operand::new(index, buffer, &batch))
         .collect::<Result<Vec<_>, _>>()?;
     for (index, (operand, gradient)) in operands.iter().zip(gradients).enumerate() {
-        if gradient.dtype != operand.dtype_code || gradient.dims != operand.buffer_dims {
+        let shape: Vec<usize> = batch.iter().chain(&operand.inner_dims).copied().collect();
+        if gradient.dtype != operand.dtype_code || gradient.dims != shape {
             return Err(format!(
-                "l1l2_rs: result {} must have the dtype and shape of operand {index}",
+                "l1l2_rs: result {} must have operand {index}'s dtype and the shape {shape:?} \
+                 (the batch shape, then the operand's own)",
                 index + 1
             ));
         }
     }
     let mut totals = vec![0.0f64; batch_len];
     match op {
-        Op::Penalty => penalties(&operands, &factors, &mut totals)?,
-        Op::ValueAndGrad => value_and_grads(&operands, gradients, &factors, &mut totals)?,
+        Op::Penalty => penalties(&operands, &batch, &factors, &mut totals)?,
+        Op::ValueAndGrad => value_and_grads(&operands, &batch, gradients, &factors, &mut totals)?,
     }
     // SAFETY: the penalty result is a buffer XLA allocated for this call with dims `batch`.
     unsafe { write_totals(penalty, &totals) }
 }
 
-/// An operand: its dtype, its batch elements' layout and the data pointer.
+/// An operand: its dtype, the layout of its batch elements and the data pointer.
 struct Operand {
     dtype: DType,
     dtype_code: c_int,
     data: *mut u8,
-    buffer_dims: Vec<usize>,
+    /// The batch shape's dims, each either the batch's own or 1 (one element for the whole
+    /// batch: `vmap_method="expand_dims"` gives an operand that is not batched a leading 1).
+    batch_dims: Vec<usize>,
     /// The dims after the batch dims, and the bytes one batch element spans.
     inner_dims: Vec<usize>,
     inner_bytes: usize,
@@ -536,10 +542,16 @@ impl Operand {
                 buffer.dtype
             )
         })?;
-        if buffer.dims.len() < batch.len() || buffer.dims[..batch.len()] != *batch {
+        let leading = buffer.dims.get(..batch.len()).unwrap_or(&[]);
+        let batched = leading.len() == batch.len()
+            && leading
+                .iter()
+                .zip(batch)
+                .all(|(&dim, &full)| dim == full || dim == 1);
+        if !batched {
             return Err(format!(
-                "l1l2_rs: operand {index} has shape {:?}, which does not start with the batch \
-                 shape {batch:?} of the penalty result",
+                "l1l2_rs: operand {index} has shape {:?}, whose leading dims must each be those \
+                 of the penalty result's batch shape {batch:?}, or 1",
                 buffer.dims
             ));
         }
@@ -552,10 +564,25 @@ impl Operand {
             dtype,
             dtype_code: buffer.dtype,
             data: buffer.data,
-            buffer_dims: buffer.dims.clone(),
+            batch_dims: leading.to_vec(),
             inner_dims,
             inner_bytes,
         })
+    }
+
+    /// The byte offset of batch element `b` (a row-major index into the batch shape `batch`),
+    /// reading a dim of 1 as that one element for every index.
+    fn batch_offset(&self, batch: &[usize], mut b: usize) -> usize {
+        let (mut offset, mut stride) = (0, self.inner_bytes);
+        for (&full, &dim) in batch.iter().zip(&self.batch_dims).rev() {
+            let index = b % full;
+            b /= full;
+            if dim != 1 {
+                offset += index * stride;
+            }
+            stride *= dim;
+        }
+        offset
     }
 
     /// Row-major byte strides of one batch element.
@@ -570,22 +597,29 @@ impl Operand {
     }
 
     /// Batch element `b` of the operand, read-only.
-    fn view(&self, b: usize) -> Result<ArrayView<'_>, Failure> {
-        let data = self.data.wrapping_add(b * self.inner_bytes);
+    fn view(&self, batch: &[usize], b: usize) -> Result<ArrayView<'_>, Failure> {
+        let data = self.data.wrapping_add(self.batch_offset(batch, b));
         // SAFETY: XLA's operand buffer holds the whole row-major array for the call, and nothing
-        // writes it meanwhile; batch element `b < batch_len` spans `inner_bytes` from `data`.
+        // writes it meanwhile; batch element `b` (within the batch) spans `inner_bytes` from
+        // `data`.
         unsafe {
             ArrayView::from_raw_parts(data, self.dtype, &self.inner_dims, &self.inner_strides())
         }
         .map_err(|error| format!("l1l2_rs: {error}"))
     }
 
-    /// Batch element `b` of a result buffer shaped like this operand, writable.
+    /// Batch element `b` of this operand's gradient: a result buffer of the batch shape
+    /// followed by the operand's inner dims.
     ///
     /// # Safety
     /// `result` is a result buffer XLA allocated for this call with this operand's dtype and
-    /// dims, not aliased by any operand, and `b` is within the batch.
-    unsafe fn view_mut<'a>(&self, result: &Buffer, b: usize) -> Result<ArrayViewMut<'a>, Failure> {
+    /// the batch shape followed by its inner dims, not aliased by any operand, and `b` is within
+    /// the batch.
+    unsafe fn gradient_view<'a>(
+        &self,
+        result: &Buffer,
+        b: usize,
+    ) -> Result<ArrayViewMut<'a>, Failure> {
         let data = result.data.wrapping_add(b * self.inner_bytes);
         // SAFETY: the caller's contract; each batch element's range is disjoint from the others.
         unsafe {
@@ -596,9 +630,10 @@ impl Operand {
 }
 
 /// The views of every operand's batch elements, batch-major: `b * operands + i`.
-fn views(operands: &[Operand], batch_len: usize) -> Result<Vec<ArrayView<'_>>, Failure> {
+fn views<'a>(operands: &'a [Operand], batch: &[usize]) -> Result<Vec<ArrayView<'a>>, Failure> {
+    let batch_len: usize = batch.iter().product();
     (0..batch_len)
-        .flat_map(|b| operands.iter().map(move |operand| operand.view(b)))
+        .flat_map(|b| operands.iter().map(move |operand| operand.view(batch, b)))
         .collect()
 }
 
@@ -621,8 +656,13 @@ fn add_penalties(operands: &[Operand], values: &[f64], totals: &mut [f64]) {
     }
 }
 
-fn penalties(operands: &[Operand], factors: &Factors, totals: &mut [f64]) -> Result<(), Failure> {
-    let views = views(operands, totals.len())?;
+fn penalties(
+    operands: &[Operand],
+    batch: &[usize],
+    factors: &Factors,
+    totals: &mut [f64],
+) -> Result<(), Failure> {
+    let views = views(operands, batch)?;
     let values: Vec<f64> = l1l2_core::sums_many(&views)
         .iter()
         .map(|sums: &Sums| factors.penalty(sums))
@@ -633,18 +673,19 @@ fn penalties(operands: &[Operand], factors: &Factors, totals: &mut [f64]) -> Res
 
 fn value_and_grads(
     operands: &[Operand],
+    batch: &[usize],
     gradients: &[Buffer],
     factors: &Factors,
     totals: &mut [f64],
 ) -> Result<(), Failure> {
-    let views = views(operands, totals.len())?;
+    let views = views(operands, batch)?;
     let mut grads = Vec::with_capacity(views.len());
     for b in 0..totals.len() {
         for (operand, gradient) in operands.iter().zip(gradients) {
             // SAFETY: `gradient` is the result buffer XLA allocated for this operand's gradient
             // (dtype and dims checked in `execute`); results never alias operands (no
             // input_output_aliases are declared), and `b` is within the batch.
-            grads.push(unsafe { operand.view_mut(gradient, b) }?);
+            grads.push(unsafe { operand.gradient_view(gradient, b) }?);
         }
     }
     let mut values = l1l2_core::value_and_grad_many(&views, &mut grads, factors, Update::Overwrite)

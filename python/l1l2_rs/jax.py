@@ -179,10 +179,11 @@ def _register_native() -> None:
 
 def _native_call(target: str, results: Any, l1: float, l2: float, leaves: list[Array]) -> Any:
     _register_native()
-    # broadcast_all: under vmap every operand and result gets the batch dimensions in front, and
-    # the handler reads the penalty result's rank as the number of batch dimensions.
+    # expand_dims: under vmap every result gets the batch dimensions in front, and every operand
+    # too (1 where it is not batched); the handler reads the penalty result's rank as the number
+    # of batch dimensions and reads an unbatched operand in place for every batch element.
     ffi: Any = jax.ffi
-    call = ffi.ffi_call(target, results, vmap_method="broadcast_all")
+    call = ffi.ffi_call(target, results, vmap_method="expand_dims")
     return call(*leaves, l1=np.float64(l1), l2=np.float64(l2))
 
 
@@ -315,10 +316,10 @@ def penalty(params: Any, l1: Any = 0.0, l2: Any = 0.0, *, implementation: str = 
     widened to float32 first, so float16 squares do not overflow; bfloat16 squares above 1.8e19
     do, as float32's) or float64, and the leaf penalties are added in the result dtype. ``"auto"``
     (the default) is the native call on CPU and jnp elsewhere (``jax.lax.platform_dependent``).
-    Under ``jax.vmap`` the native call batches itself (``vmap_method="broadcast_all"``: one call
-    for the whole batch, unbatched leaves broadcast). Reverse mode multiplies the gradient by the
-    cotangent with a jnp multiply, which XLA removes when the cotangent is 1 (``jax.grad`` of the
-    penalty itself, or of ``loss + penalty``).
+    Under ``jax.vmap`` the native call batches itself (``vmap_method="expand_dims"``: one call for
+    the whole batch; leaves that are not batched are not copied). Reverse mode multiplies the
+    gradient by the cotangent with a jnp multiply, which XLA removes when the cotangent is 1
+    (``jax.grad`` of the penalty itself, or of ``loss + penalty``).
 
     ``l1`` and ``l2`` must be concrete, finite numbers >= 0 (they are static: changing them
     recompiles a jitted caller).
