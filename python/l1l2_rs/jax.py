@@ -313,9 +313,10 @@ def penalty(params: Any, l1: Any = 0.0, l2: Any = 0.0, *, implementation: str = 
     (float64 leaves: kept in float64); the leaf penalties are added in float64 and the total
     rounded once. Gradients are correctly rounded (they have ``l1l2_rs.grad``'s bits).
     ``"jnp"`` uses XLA's own ops: each leaf is summed in float32 (float16 and bfloat16 leaves are
-    widened to float32 first, so float16 squares do not overflow; bfloat16 squares above 1.8e19
-    do, as float32's) or float64, and the leaf penalties are added in the result dtype. ``"auto"``
-    (the default) is the native call on CPU and jnp elsewhere (``jax.lax.platform_dependent``).
+    widened to float32 first, so float16 squares do not overflow; the squares of bfloat16 values
+    beyond 1.8e19 do, as float32's) or float64, and the leaf penalties are added in the result
+    dtype. ``"auto"`` (the default) is the native call on CPU and jnp elsewhere
+    (``jax.lax.platform_dependent``).
     Under ``jax.vmap`` the native call batches itself (``vmap_method="expand_dims"``: one call for
     the whole batch; leaves that are not batched are not copied). Reverse mode multiplies the
     gradient by the cotangent with a jnp multiply, which XLA removes when the cotangent is 1
