@@ -178,20 +178,18 @@ pub fn interruptible<R>(check: impl Fn() -> bool + 'static, work: impl FnOnce() 
 
 /// One call's view of its caller's interrupt check.
 struct Interrupt {
-    /// Whether the caller installed a check and the call is large enough to ask it.
-    checked: bool,
-    caller: std::thread::ThreadId,
-    last: Mutex<Instant>,
+    /// The caller's thread and when it last asked, when the caller installed a check and the
+    /// call is large enough to ask it.
+    checked: Option<(std::thread::ThreadId, Mutex<Instant>)>,
     stopped: AtomicBool,
 }
 
 impl Interrupt {
     fn for_this_call(bytes: usize) -> Self {
+        let installed = || INTERRUPT_CHECK.with(|slot| slot.borrow().is_some());
         Self {
-            checked: bytes >= PARALLEL_MIN_BYTES
-                && INTERRUPT_CHECK.with(|slot| slot.borrow().is_some()),
-            caller: std::thread::current().id(),
-            last: Mutex::new(Instant::now()),
+            checked: (bytes >= PARALLEL_MIN_BYTES && installed())
+                .then(|| (std::thread::current().id(), Mutex::new(Instant::now()))),
             stopped: AtomicBool::new(false),
         }
     }
@@ -201,10 +199,13 @@ impl Interrupt {
         if self.stopped.load(Ordering::Relaxed) {
             return true;
         }
-        if !self.checked || std::thread::current().id() != self.caller {
+        let Some((caller, last)) = &self.checked else {
+            return false;
+        };
+        if std::thread::current().id() != *caller {
             return false;
         }
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
         if last.elapsed() < INTERRUPT_PERIOD {
             return false;
         }
