@@ -341,3 +341,22 @@ def test_gradient_at_a_broadcast_input_keeps_the_penalty_bits(rng: np.random.Gen
     expected_row = np.array([float(e) for e in exact]).astype(np.float32)
     assert grad.shape == (40, 33)
     assert (grad == expected_row).all()
+
+
+def test_masked_arrays_leave_masked_elements_out() -> None:
+    x = np.ma.array([1.0, 1e30, -2.0], mask=[False, True, False])
+    assert l1l2_rs.sums(x) == (3.0, 5.0)
+    assert l1l2_rs.L1L2(0.5, 0.25)(x) == 0.5 * 3.0 + 0.25 * 5.0
+    assert l1l2_rs.sums_many([x, np.ones(2)]) == [(3.0, 5.0), (2.0, 2.0)]
+    _, grad = l1l2_rs.value_and_grad(x, 0.5, 0.25)
+    assert grad.tolist() == [0.5 + 0.5, 0.0, -0.5 - 1.0]  # nothing at the masked element
+
+
+def test_masked_arrays_are_not_written_in_place() -> None:
+    x = np.ma.array([1.0, 5.0, -2.0], mask=[False, True, False])
+    before = x.data.copy()
+    with pytest.raises(TypeError, match="masked"):
+        l1l2_rs.prox_(x, 0.1, 0.5, 0.25)
+    with pytest.raises(TypeError, match="masked"):
+        l1l2_rs.value_and_grad(np.ones(3), 0.5, 0.25, out=x)
+    assert (x.data == before).all()

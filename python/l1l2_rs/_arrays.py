@@ -56,7 +56,11 @@ def call_many(function: Callable[..., _R], xs: Any, *args: Any, **kwargs: Any) -
 
 def coerce(x: object) -> np.ndarray[Any, np.dtype[Any]]:
     """Return ``x`` as a numpy array the native core can read in place (dtypes are its call)."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, np.ma.MaskedArray):
+        # Masked elements are left out, as numpy.ma's reductions leave them out: zeros add
+        # nothing to sum(|x|) or sum(x**2), and their gradient is 0.
+        array = np.ma.filled(x, 0)
+    elif isinstance(x, np.ndarray):
         array = x
     else:
         refuse_tracked(x)
