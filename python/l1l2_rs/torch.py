@@ -280,6 +280,7 @@ def add_grad_(
     tensors = _checked_list(params)
     factors = _checked_factors(l1, l2)
     used = [(index, p) for index, p in enumerate(tensors) if p.requires_grad]
+    _refuse_repeats(used)
     grads = [_grad_or_zeros(index, p) for index, p in used]
     total = _l1l2_rs.value_and_grad_many(
         [_numpy_view(p) for _, p in used],
@@ -294,6 +295,18 @@ def add_grad_(
         else:
             torch.autograd.graph.increment_version(g)
     return total
+
+
+def _refuse_repeats(used: list[tuple[int, torch.Tensor]]) -> None:
+    """A tensor listed twice would get its gradient added twice into one ``.grad``: refuse it."""
+    first: dict[int, int] = {}
+    for index, p in used:
+        earlier = first.setdefault(id(p), index)
+        if earlier != index:
+            raise ValueError(
+                f"l1l2_rs.torch: params[{index}] is params[{earlier}] again; list each "
+                "parameter once (model.parameters() does)"
+            )
 
 
 def _grad_or_zeros(index: int, p: torch.Tensor) -> torch.Tensor:
