@@ -27,7 +27,8 @@ fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
 
 fn update(accumulate: bool, scale: f64, out_given: bool) -> PyResult<Update> {
     match (accumulate, out_given) {
-        (false, _) => Ok(Update::Overwrite),
+        (false, _) if scale == 1.0 => Ok(Update::Overwrite),
+        (false, _) => Ok(Update::Scaled { scale }),
         (true, true) => Ok(Update::Accumulate { scale }),
         (true, false) => Err(PyValueError::new_err(
             "l1l2_rs: accumulate=True adds into an existing gradient: pass it as out=",
@@ -59,8 +60,8 @@ pub(crate) fn penalty<'py>(
     penalty_scalar(x, dtype, dtype.round_result(factors.penalty(&sums)))
 }
 
-/// The penalty (as `penalty`) and its gradient, written into `out` (a new array like `x` when
-/// `None`), or added to it, times `scale`, with `accumulate`.
+/// The penalty (as `penalty`) and its gradient times `scale`, written into `out` (a new array like
+/// `x` when `None`), or added to it with `accumulate`.
 #[pyfunction]
 #[pyo3(signature = (x, l1, l2, out=None, accumulate=false, scale=1.0))]
 pub(crate) fn value_and_grad<'py>(
