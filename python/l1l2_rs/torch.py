@@ -107,7 +107,7 @@ def _penalty_fake(w: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
 def _penalty_backward_op(grad: torch.Tensor, w: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
     """``grad * (l1 * sign(w) + 2 * l2 * w)`` in ``w``'s dtype (``grad`` is 0-dim)."""
     _check_tensor("w", w)
-    out = torch.zeros_like(w)
+    out = torch.empty_like(w)
     _scaled_grads([w], [out], l1, l2, grad)
     return out
 
@@ -143,7 +143,7 @@ def _penalty_many_backward_op(
     """``grad * (l1 * sign(p) + 2 * l2 * p)`` of every ``p``, in one native call."""
     for index, p in enumerate(params):
         _check_tensor(f"params[{index}]", p)
-    outs = [torch.zeros_like(p) for p in params]
+    outs = [torch.empty_like(p) for p in params]
     _scaled_grads(params, outs, l1, l2, grad)
     return outs
 
@@ -158,7 +158,7 @@ def _penalty_many_backward_fake(
 def _scaled_grads(
     xs: list[torch.Tensor], outs: list[torch.Tensor], l1: float, l2: float, grad: torch.Tensor
 ) -> None:
-    """Write ``grad * gradient(x)`` into each zeroed ``out``, in one native call.
+    """Write ``grad * gradient(x)`` into each ``out``, in one native call.
 
     The native kernel folds a finite ``grad`` into the factors and rounds once. A non-finite
     upstream gradient (AMP's loss-scale overflow) is applied afterwards with IEEE rules, so an inf
@@ -170,7 +170,7 @@ def _scaled_grads(
         [_numpy_view(x) for x in xs],
         *_terms(l1, l2),
         [_numpy_view(out) for out in outs],
-        True,
+        False,
         scale if finite else 1.0,
     )
     if not finite:
