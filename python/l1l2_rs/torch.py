@@ -52,7 +52,7 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"l1l2_rs.torch: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.layout != torch.strided:
         raise ValueError(f"l1l2_rs.torch: {name} must be a dense tensor, got layout {x.layout}")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(
             f"l1l2_rs.torch: {name} must be a CPU tensor, got one on {x.device}; l1l2_rs "
             "computes on the host and does not copy tensors there (use the torch formula on "
