@@ -48,6 +48,13 @@ NumpyArray = np.ndarray[Any, np.dtype[Any]]
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
     """``x`` if the native kernels can read it in place; else a ``TypeError``/``ValueError``."""
+    if (
+        isinstance(x, torch.Tensor)
+        and x.is_cpu
+        and x.layout == torch.strided
+        and x.dtype in _FLOAT_DTYPES
+    ):
+        return x  # the common case, in as few attribute reads as possible
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"l1l2_rs.torch: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.layout != torch.strided:
@@ -69,7 +76,8 @@ def _check_dtype(name: str, dtype: torch.dtype) -> None:
 
 def _numpy_view(x: torch.Tensor) -> NumpyArray:
     """A numpy array sharing ``x``'s memory, strides and all (bfloat16 as ``ml_dtypes``')."""
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     if x.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the 16-bit words
         view: NumpyArray = x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return view
@@ -280,7 +288,8 @@ def add_grad_(
     tensors = _checked_list(params)
     factors = _checked_factors(l1, l2)
     used = [(index, p) for index, p in enumerate(tensors) if p.requires_grad]
-    _refuse_repeats(used)
+    if len({id(p) for _, p in used}) != len(used):
+        _refuse_repeats(used)
     grads = [_grad_or_zeros(index, p) for index, p in used]
     total = _l1l2_rs.value_and_grad_many(
         [_numpy_view(p) for _, p in used],
@@ -289,11 +298,14 @@ def add_grad_(
         True,
         scale,
     )[0]
+    written = []
     for (_, p), g in zip(used, grads, strict=True):
         if p.grad is None:
             p.grad = g
         else:
-            torch.autograd.graph.increment_version(g)
+            written.append(g)
+    if written:
+        torch.autograd.graph.increment_version(written)
     return total
 
 
@@ -314,6 +326,8 @@ def _grad_or_zeros(index: int, p: torch.Tensor) -> torch.Tensor:
     grad = p.grad
     if grad is None:
         return torch.zeros_like(p)
+    if grad.dtype == p.dtype and grad.shape == p.shape and not grad.requires_grad:
+        return _check_tensor(f"params[{index}].grad", grad)
     name = f"params[{index}].grad"
     _check_tensor(name, grad)
     if grad.dtype != p.dtype or grad.shape != p.shape:
