@@ -271,6 +271,40 @@ def test_torch_compile_fullgraph_equals_eager() -> None:
         assert torch.equal(compiled, eager)
 
 
+def test_add_grad_and_prox_run_eagerly_inside_compiled_code() -> None:
+    """They write through numpy views: dynamo leaves them out of the graph (no backend needed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+
+    def step() -> float:
+        model(x).square().mean().backward()
+        total = lt.add_grad_(params, 0.1, 0.2)
+        with torch.no_grad():
+            for p in params:
+                assert p.grad is not None
+                p -= 0.1 * p.grad
+        lt.prox_(params, 0.1, 0.1, 0.2)
+        return total
+
+    def run(function: Callable[[], float]) -> tuple[float, list[torch.Tensor]]:
+        with torch.no_grad():
+            for p, value in zip(params, start, strict=True):
+                p.copy_(value)
+                p.grad = None
+        total = function()
+        return total, [p.detach().clone() for p in params]
+
+    eager_total, eager_params = run(step)
+    compiled_total, compiled_params = run(torch.compile(step, backend="eager"))  # dynamo only
+    assert compiled_total == eager_total
+    for compiled, eager in zip(compiled_params, eager_params, strict=True):
+        assert torch.equal(compiled, eager)
+    assert not torch.equal(eager_params[0], start[0])
+
+
 def test_not_differentiable_twice_raises() -> None:
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(lt.penalty(w, 0.1, 0.2), w, create_graph=True)

@@ -23,8 +23,8 @@ the L1 term is 0, as for ``torch.abs``. A factor of exactly zero drops its term 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -269,9 +269,20 @@ def _promoted_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-place training steps (eager only: they write through numpy views).
+# In-place training steps. They write through numpy views, so they always run eagerly (a compiled
+# function that calls them runs them outside the graph).
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _always_eager(function: _F) -> _F:
+    """``function`` excluded from ``torch.compile``'s tracing (``torch.compiler.disable``)."""
+    disable: Any = torch.compiler.disable  # untyped in torch
+    disabled: _F = disable(function)
+    return disabled
+
+
+@_always_eager
 @torch.no_grad()
 def add_grad_(
     params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 0.0, *, scale: float = 1.0
@@ -343,6 +354,7 @@ def _grad_or_zeros(index: int, p: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+@_always_eager
 @torch.no_grad()
 def prox_(params: Iterable[torch.Tensor], lr: float, l1: float = 0.0, l2: float = 0.0) -> None:
     """The proximal step of ``lr * penalty`` on every tensor of ``params``, in place.
