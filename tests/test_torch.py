@@ -425,6 +425,24 @@ def test_add_grad_refuses_a_bad_gradient_and_touches_nothing() -> None:
     assert_untouched(params, before)
 
 
+def test_a_gradient_sharing_memory_with_a_parameter_is_refused_and_nothing_touched() -> None:
+    frozen = torch.ones(2)
+    a = torch.randn(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    b.grad = a.detach()  # the same memory as a: writing it would change a
+    before = snapshot([a, b])
+    with pytest.raises(ValueError, match=r"overlap.*xs are the params that require grad"):
+        lt.add_grad_([frozen, a, b], 0.1, 0.2)
+    assert_untouched([a, b], before)
+
+
+def test_prox_refuses_a_broadcast_tensor() -> None:
+    p = torch.nn.Parameter(torch.ones(3).expand(2, 3))
+    with pytest.raises(ValueError, match=r"broadcast.*xs are the params"):
+        lt.prox_([p], 0.1, 0.1)
+    assert p.tolist() == [[1.0] * 3] * 2
+
+
 def test_add_grad_refuses_a_parameter_listed_twice() -> None:
     p = torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match=r"params\[1\] is params\[0\] again"):

@@ -22,8 +22,9 @@ the L1 term is 0, as for ``torch.abs``. A factor of exactly zero drops its term 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import ml_dtypes
@@ -302,21 +303,20 @@ def add_grad_(
     if len({id(p) for _, p in used}) != len(used):
         _refuse_repeats(used)
     grads = [_grad_or_zeros(index, p) for index, p in used]
-    total = _l1l2_rs.value_and_grad_many(
-        [_numpy_view(p) for _, p in used],
-        *_terms(*factors),
-        [_numpy_view(g) for g in grads],
-        True,
-        scale,
-    )[0]
-    written = []
+    skipped = len(used) < len(tensors)
+    with _native_names("params that require grad" if skipped else "params", "their .grad"):
+        total = _l1l2_rs.value_and_grad_many(
+            [_numpy_view(p) for _, p in used],
+            *_terms(*factors),
+            [_numpy_view(g) for g in grads],
+            True,
+            scale,
+        )[0]
     for (_, p), g in zip(used, grads, strict=True):
         if p.grad is None:
             p.grad = g
         else:
-            written.append(g)
-    if written:
-        torch.autograd.graph.increment_version(written)
+            _bump_version(g)
     return total
 
 
@@ -367,9 +367,26 @@ def prox_(params: Iterable[torch.Tensor], lr: float, l1: float = 0.0, l2: float 
     """
     tensors = _checked_list(params)
     factors = _checked_factors(l1, l2)
-    _l1l2_rs.prox_many_([_numpy_view(p) for p in tensors], lr, *_terms(*factors))
-    if tensors:
-        torch.autograd.graph.increment_version(tensors)
+    with _native_names("params", None):
+        _l1l2_rs.prox_many_([_numpy_view(p) for p in tensors], lr, *_terms(*factors))
+    for p in tensors:
+        _bump_version(p)
+
+
+@contextlib.contextmanager
+def _native_names(xs: str, outs: str | None) -> Iterator[None]:
+    """Say which tensors the native ``xs``/``outs`` (and their positions) are in its errors."""
+    try:
+        yield
+    except ValueError as error:
+        naming = f"xs are the {xs}" + (f", outs {outs}" if outs else "")
+        raise ValueError(f"{error} [{naming}, positions counted from 0]") from error
+
+
+def _bump_version(x: torch.Tensor) -> None:
+    """Tell autograd that ``x`` changed in place (as torch's in-place ops do), so a saved copy of
+    it fails loudly in ``backward`` instead of being used stale."""
+    torch.autograd.graph.increment_version(x)
 
 
 def _checked_list(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
