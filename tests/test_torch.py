@@ -229,7 +229,7 @@ OPCHECK_CASES = {
     ),
     "penalty_many_backward": lambda: (
         torch.ops.l1l2_rs.penalty_many_backward,
-        (torch.tensor(2.0), [p.detach() for p in mixed_params(seed=8)], 0.0, 0.2),
+        (torch.tensor(2.0), mixed_params(seed=8), 0.0, 0.2),
     ),
 }
 
@@ -237,9 +237,9 @@ OPCHECK_CASES = {
 @pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(case: str) -> None:
     op, args = OPCHECK_CASES[case]()
-    for arg in args:  # the ops with autograd are checked with inputs that require grad
+    for arg in args:  # every op has an autograd formula: checked with inputs that require grad
         for t in arg if isinstance(arg, list) else [arg]:
-            if isinstance(t, torch.Tensor) and not case.endswith("backward"):
+            if isinstance(t, torch.Tensor):
                 t.requires_grad_()
     results = torch.library.opcheck(op, args, raise_exception=False)
     assert results == dict.fromkeys(results, "SUCCESS")
@@ -305,11 +305,22 @@ def test_add_grad_and_prox_run_eagerly_inside_compiled_code() -> None:
     assert not torch.equal(eager_params[0], start[0])
 
 
-def test_not_differentiable_twice_raises() -> None:
-    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(lt.penalty(w, 0.1, 0.2), w, create_graph=True)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        g.sum().backward()
+def test_gradgradcheck() -> None:
+    w = away_from_zero(3, 4, seed=12).t().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda w: lt.penalty(w, 0.3, 0.7), (w,))
+    a = away_from_zero(5, seed=13).requires_grad_()
+    b = away_from_zero(2, 3, seed=14).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: lt.penalty_many([a, b], 0.2, 0.9), (a, b))
+
+
+def test_hessian_is_two_l2_times_the_identity() -> None:
+    w = torch.tensor([1.5, 0.0, -2.0], dtype=torch.float64)
+    hessian = torch.autograd.functional.hessian(lambda w: lt.penalty(w, 0.25, 0.75), w)
+    assert torch.equal(hessian, 1.5 * torch.eye(3, dtype=torch.float64))
+    assert torch.equal(
+        torch.autograd.functional.hessian(lambda w: lt.penalty(w, 0.25, 0.0), w),
+        torch.zeros(3, 3, dtype=torch.float64),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
