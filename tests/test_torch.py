@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any, Literal
 
 import numpy as np
 import pytest
 import torch
-from test_training import assert_matches, expected_accumulate, expected_prox
+from test_training import assert_matches, expected_accumulate, expected_prox, round_to_dtype
 
 import l1l2_rs
 import l1l2_rs.torch as lt
@@ -175,6 +176,21 @@ def test_penalty_many_dtype_is_the_promoted_dtype() -> None:
     assert loss.dtype == torch.float32  # adding it keeps a float32 loss float32
     assert lt.penalty_many([], 0.5).dtype == torch.get_default_dtype()
     assert lt.penalty_many([], 0.5, dtype=torch.float64).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_penalty_many_total_is_not_double_rounded(dtype: torch.dtype) -> None:
+    """A float64 total just above a tie of ``dtype`` whose float32 rounding is the tie itself:
+    rounding through float32 would give the even neighbour below."""
+    precision = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24}[dtype]
+    params = [
+        torch.tensor([1 + 2.0**-precision], dtype=torch.float64),  # 1 + half an ulp of dtype
+        torch.tensor([2.0**-40], dtype=torch.float64),  # then a little more
+    ]
+    total = lt.penalty_many(params, 1.0, dtype=dtype)
+    exact = Fraction(1) + Fraction(1, 2**precision) + Fraction(1, 2**40)
+    numpy_dtype = to_numpy(torch.zeros(1, dtype=dtype)).dtype
+    assert total.item() == round_to_dtype(exact, numpy_dtype) == 1 + 2.0 ** (1 - precision)
 
 
 def test_penalty_many_rounds_the_float64_total_once() -> None:

@@ -39,6 +39,10 @@ __all__ = ["add_grad_", "attach", "penalty", "penalty_many", "prox_"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _EXPECTED_DTYPES = "float16, bfloat16, float32 or float64"
+_NARROW_NUMPY_TYPES: dict[torch.dtype, Any] = {
+    torch.float16: np.float16,
+    torch.bfloat16: ml_dtypes.bfloat16,
+}
 
 NumpyArray = np.ndarray[Any, np.dtype[Any]]
 
@@ -135,7 +139,21 @@ def _penalty_many_op(
     for index, p in enumerate(params):
         _check_tensor(f"params[{index}]", p)
     total = _l1l2_rs.penalty_many([_numpy_view(p) for p in params], *_terms(l1, l2))
-    return torch.tensor(total, dtype=dtype)  # the float64 total, rounded once
+    return _rounded_once(total, dtype)
+
+
+def _rounded_once(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` rounded once to ``dtype``, as a 0-dim tensor.
+
+    ``torch.tensor(value, dtype=torch.float16)`` rounds through float32 (twice: 1 + 2^-11 + 2^-40
+    becomes 1.0, not 1 + 2^-10); numpy and ml_dtypes round a float64 to float16 and bfloat16
+    directly, and the rounded value is then exact in any dtype.
+    """
+    narrow = _NARROW_NUMPY_TYPES.get(dtype)
+    if narrow is not None:
+        with np.errstate(over="ignore"):  # overflow to inf is the right answer
+            value = float(narrow(value))
+    return torch.tensor(value, dtype=dtype)
 
 
 @_penalty_many_op.register_fake
