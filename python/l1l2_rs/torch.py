@@ -461,7 +461,10 @@ def attach(
     ``mode="grad"``: before each step, ``add_grad_`` over the parameters that have a ``.grad``
     (those the optimizer will update, as its own ``weight_decay`` does), one native call.
     ``mode="prox"``: after each step, ``prox_`` with each parameter group's current ``lr`` over
-    the parameters that have a ``.grad``, one native call per group.
+    the parameters that have a ``.grad``, one native call per group (the proximal step of SGD;
+    with momentum or Adam it is the usual heuristic, not an exact proximal method).
+    Optimizers that re-evaluate the loss inside ``step(closure)`` (LBFGS) recompute the gradient
+    after the pre-hook: put ``penalty_many`` in the closure's loss instead.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
