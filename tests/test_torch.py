@@ -90,7 +90,7 @@ def test_penalty_value_and_gradient_are_exact(
     assert_within_ulps(value.item(), expected, to_numpy(w).dtype, penalty_ulps(to_numpy(w).dtype))
 
     upstream = 0.75  # a loss weight: the gradient is scaled once, then rounded once
-    (value * 1).backward(torch.tensor(upstream, dtype=dtype))
+    value.backward(torch.tensor(upstream, dtype=dtype))
     assert w.grad is not None and w.grad.dtype == dtype and w.grad.shape == w.shape
     x = to_numpy(w)
     reference = expected_accumulate(x, np.zeros_like(x), l1, l2, upstream)
