@@ -396,6 +396,7 @@ def bad_input_cases() -> list[Any]:
     return [
         pytest.param(torch.empty(3, device="meta"), ValueError, "CPU tensor", id="meta"),
         pytest.param(torch.arange(3), TypeError, "dtype float16, bfloat16", id="int"),
+        pytest.param(torch.ones(3, dtype=torch.bool), TypeError, "torch.bool", id="bool"),
         pytest.param(torch.ones(3, dtype=torch.complex64), TypeError, "complex64", id="complex"),
         pytest.param(torch.ones(3).to_sparse(), ValueError, "dense tensor", id="sparse"),
         pytest.param(np.ones(3), TypeError, "torch.Tensor, got ndarray", id="numpy"),
