@@ -287,6 +287,29 @@ def test_torch_compile_fullgraph_equals_eager() -> None:
         assert torch.equal(compiled, eager)
 
 
+def test_a_compiled_model_loss_with_model_parameters() -> None:
+    """The usual form, ``penalty_many(model.parameters())`` in a compiled loss, traces in one
+    graph (backend ``aot_eager``: dynamo, fake kernels and AOT autograd, no code generation)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def loss() -> torch.Tensor:
+        data = torch.nn.functional.mse_loss(model(x), y)
+        return data + lt.penalty_many(model.parameters(), 1e-2, 2e-2)
+
+    def run(function: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+        model.zero_grad()
+        function().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager = run(loss)
+    compiled = run(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    assert len(eager) == len(compiled) == 4
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_add_grad_and_prox_run_eagerly_inside_compiled_code() -> None:
     """They write through numpy views: dynamo leaves them out of the graph (no backend needed)."""
     torch.manual_seed(0)
