@@ -11,11 +11,19 @@ mod errors;
 mod functions;
 #[cfg(feature = "probe")]
 mod probe;
+mod xla_ffi;
 
+use numpy::PyArrayDescrMethods;
 use pyo3::prelude::*;
+use pyo3::type_object::PyTypeInfo;
 
 #[pymodule(gil_used = false)]
 fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // rust-numpy looks up numpy's C API and its ABI version lazily, behind once-cells: done here,
+    // at import, before any thread can be inside that first lookup when the process forks (the
+    // child would wait on it forever).
+    numpy::PyUntypedArray::type_object(m.py());
+    numpy::dtype::<f64>(m.py()).itemsize();
     m.add_function(wrap_pyfunction!(functions::sums, m)?)?;
     m.add_function(wrap_pyfunction!(functions::penalty, m)?)?;
     m.add_function(wrap_pyfunction!(functions::value_and_grad, m)?)?;
@@ -27,6 +35,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::simd_isa, m)?)?;
+    xla_ffi::register(m)?;
     #[cfg(feature = "probe")]
     m.add_function(wrap_pyfunction!(probe::_read_probe, m)?)?;
     m.add("NotReadable", m.py().get_type::<errors::NotReadable>())?;

@@ -72,6 +72,11 @@ def coerce(x: object) -> np.ndarray[Any, np.dtype[Any]]:
         and array.flags.aligned
         and not any(s % dtype.itemsize for s in array.strides)
     )
+    if not readable and 0 in array.strides and array.size:
+        # Convert one copy of a broadcast array and broadcast it again: materialising all of it
+        # could take terabytes, and the core sums the broadcast view in the time of one copy.
+        one_copy = array[tuple(slice(0, 1) if s == 0 else slice(None) for s in array.strides)]
+        return np.broadcast_to(_on_cache_line(one_copy, dtype.newbyteorder("=")), array.shape)
     if not readable or (array is not x and array.flags.owndata):
         array = _on_cache_line(array, dtype.newbyteorder("="))
     return array
@@ -81,15 +86,22 @@ def _on_cache_line(
     array: np.ndarray[Any, np.dtype[Any]], dtype: np.dtype[Any]
 ) -> np.ndarray[Any, np.dtype[Any]]:
     """``array`` as ``dtype``, C-contiguous from a 64-byte boundary (itself if it is already)."""
-    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
+    if array.dtype == dtype and array.flags.c_contiguous and _address(array) % 64 == 0:
         return array
     nbytes = array.size * dtype.itemsize
     raw = np.empty(nbytes + 64, dtype=np.uint8)
-    start: int = -raw.ctypes.data % 64
+    start: int = -_address(raw) % 64
     placed: np.ndarray[Any, np.dtype[Any]] = raw[start : start + nbytes].view(dtype)
     placed = placed.reshape(array.shape)
     placed[...] = array
     return placed
+
+
+def _address(array: np.ndarray[Any, np.dtype[Any]]) -> int:
+    """The address of ``array``'s first element (``.ctypes`` would import ctypes on first use, and a
+    child forked while another thread holds that import's lock would hang)."""
+    address: int = array.__array_interface__["data"][0]
+    return address
 
 
 def _framework(x: object) -> str:

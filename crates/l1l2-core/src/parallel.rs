@@ -23,8 +23,9 @@
 //! When the caller is already on a rayon worker thread (a Rust service with its own pool), the
 //! reduction runs in the caller's pool.
 
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,13 @@ where
     P: Partial,
     F: Fn(usize, Range<usize>) -> P + Sync,
 {
+    let interrupt = Interrupt::for_this_call(bytes);
+    let leaf = &|tensor: usize, range: Range<usize>| {
+        if interrupt.stopped() {
+            return P::default(); // the call is abandoned: its result is never used
+        }
+        leaf(tensor, range)
+    };
     let tree = |tensor: usize| Tree {
         len: lens[tensor],
         leaf: move |range| leaf(tensor, range),
@@ -133,6 +141,81 @@ where
             })
         })
         .collect()
+}
+
+/// How long a call may run between two looks at its caller's interrupt check.
+const INTERRUPT_PERIOD: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// The interrupt check installed by [`interruptible`] on this thread, and whether it has
+    /// said to stop.
+    static INTERRUPT_CHECK: RefCell<Option<Box<dyn Fn() -> bool>>> = const { RefCell::new(None) };
+    static INTERRUPTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `work` on this thread, asking `check` every 50 ms or so (on this thread) whether to give
+/// up: the Python binding checks for Ctrl-C there. Returns `None` when a check said so: the calls
+/// in `work` then stopped early, and their results (and, for the in-place ops, what they had
+/// written so far) are incomplete.
+///
+/// Inputs under 512 KiB are never interrupted (they take microseconds); larger ones are checked
+/// between chunks of 32 Ki elements on the calling thread, and the workers stop taking chunks
+/// once it has said so.
+pub fn interruptible<R>(check: impl Fn() -> bool + 'static, work: impl FnOnce() -> R) -> Option<R> {
+    /// Puts back what was installed before, also if `work` panics.
+    struct Restore(Option<Box<dyn Fn() -> bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INTERRUPT_CHECK.with(|slot| *slot.borrow_mut() = self.0.take());
+            INTERRUPTED.with(|flag| flag.set(self.1));
+        }
+    }
+    let previous = INTERRUPT_CHECK.with(|slot| slot.borrow_mut().replace(Box::new(check)));
+    let _restore = Restore(previous, INTERRUPTED.with(|flag| flag.replace(false)));
+    let result = work();
+    (!INTERRUPTED.with(Cell::get)).then_some(result)
+}
+
+/// One call's view of its caller's interrupt check.
+struct Interrupt {
+    /// Whether the caller installed a check and the call is large enough to ask it.
+    checked: bool,
+    caller: std::thread::ThreadId,
+    last: Mutex<Instant>,
+    stopped: AtomicBool,
+}
+
+impl Interrupt {
+    fn for_this_call(bytes: usize) -> Self {
+        Self {
+            checked: bytes >= PARALLEL_MIN_BYTES
+                && INTERRUPT_CHECK.with(|slot| slot.borrow().is_some()),
+            caller: std::thread::current().id(),
+            last: Mutex::new(Instant::now()),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the call was told to stop; on the caller's thread, asks the check when it is due.
+    fn stopped(&self) -> bool {
+        if self.stopped.load(Ordering::Relaxed) {
+            return true;
+        }
+        if !self.checked || std::thread::current().id() != self.caller {
+            return false;
+        }
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.elapsed() < INTERRUPT_PERIOD {
+            return false;
+        }
+        let stop = INTERRUPT_CHECK.with(|slot| slot.borrow().as_ref().is_some_and(|check| check()));
+        *last = Instant::now();
+        if stop {
+            INTERRUPTED.with(|flag| flag.set(true));
+            self.stopped.store(true, Ordering::Relaxed);
+        }
+        stop
+    }
 }
 
 /// Chunks of a tensor of `len` elements (an empty tensor has one, empty).
@@ -232,10 +315,11 @@ static REQUESTED_THREADS: AtomicUsize = AtomicUsize::new(0);
 static POOL_PID: AtomicU32 = AtomicU32::new(0);
 static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
 
-/// Sets the number of threads large inputs are reduced with; `0` restores the default (see the
-/// module docs). Takes effect on the next call; results do not depend on it.
+/// Sets the number of threads large inputs are reduced with, at most [`max_threads`] (larger
+/// requests are capped); `0` restores the default (see the module docs). Takes effect on the next
+/// call; results do not depend on it.
 pub fn set_num_threads(threads: usize) {
-    REQUESTED_THREADS.store(threads, Ordering::Relaxed);
+    REQUESTED_THREADS.store(threads.min(max_threads()), Ordering::Relaxed);
 }
 
 /// The number of threads the next large reduction will use (1 = serial).
@@ -246,22 +330,58 @@ pub fn num_threads() -> usize {
     }
 }
 
-/// The default thread count, read from the environment once per process.
+/// The default thread count, read from the environment once per process (capped by
+/// [`max_threads`]).
+///
+/// Cached in an atomic rather than a `OnceLock`: a process forked while another thread was
+/// computing it would find a `OnceLock` forever "being initialised" and hang on its first call;
+/// two threads computing it at once merely store the same value twice.
 fn default_threads() -> usize {
-    static DEFAULT: OnceLock<usize> = OnceLock::new();
-    *DEFAULT.get_or_init(|| {
-        ["L1L2_NUM_THREADS", "RAYON_NUM_THREADS"]
-            .iter()
-            .filter_map(|name| std::env::var(name).ok())
-            .find_map(|value| parse_thread_count(&value))
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    })
+    static DEFAULT: AtomicUsize = AtomicUsize::new(0);
+    match DEFAULT.load(Ordering::Relaxed) {
+        0 => {
+            let threads = ["L1L2_NUM_THREADS", "RAYON_NUM_THREADS"]
+                .iter()
+                .filter_map(|name| std::env::var(name).ok())
+                .find_map(|value| parse_thread_count(&value))
+                .unwrap_or_else(cpu_count)
+                .min(max_threads());
+            DEFAULT.store(threads, Ordering::Relaxed);
+            threads
+        }
+        threads => threads,
+    }
 }
 
-/// Parses a thread-count setting the way the environment variables are read: a positive integer,
-/// or `None` for anything else (which the library treats as "not set").
+/// The CPUs this process may run on (1 if unknown), cached as [`default_threads`] is.
+fn cpu_count() -> usize {
+    static CPUS: AtomicUsize = AtomicUsize::new(0);
+    match CPUS.load(Ordering::Relaxed) {
+        0 => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            CPUS.store(cpus, Ordering::Relaxed);
+            cpus
+        }
+        cpus => cpus,
+    }
+}
+
+/// The most threads a reduction uses, whatever was asked for: 4 per CPU (at least 4). More only
+/// add wake-ups, and an unbounded request (`threadpool_limits(10**6)`, a mistyped environment
+/// variable) would try to start that many threads.
+pub fn max_threads() -> usize {
+    cpu_count().saturating_mul(4).max(4)
+}
+
+/// Parses a thread-count setting the way the environment variables are read: a positive integer
+/// (one too large for `usize` counts as `usize::MAX`: the cap applies), or `None` for anything
+/// else (which the library treats as "not set").
 pub fn parse_thread_count(value: &str) -> Option<usize> {
-    value.trim().parse::<usize>().ok().filter(|&n| n > 0)
+    match value.trim().parse::<usize>() {
+        Ok(count) => Some(count).filter(|&n| n > 0),
+        Err(error) if *error.kind() == std::num::IntErrorKind::PosOverflow => Some(usize::MAX),
+        Err(_) => None,
+    }
 }
 
 /// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
@@ -287,15 +407,45 @@ fn pool() -> Option<Arc<ThreadPool>> {
     {
         return Some(Arc::clone(pool));
     }
-    let pool = Arc::new(
-        ThreadPoolBuilder::new()
-            .num_threads(workers)
-            .thread_name(|i| format!("l1l2-{i}"))
-            .build()
-            .ok()?,
-    );
+    if FAILED_WORKERS.load(Ordering::Relaxed) == workers {
+        return None; // this size could not be built: serial, without retrying on every call
+    }
+    let built = ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("l1l2-{i}"))
+        .build();
+    let pool = match built {
+        Ok(pool) => Arc::new(pool),
+        Err(error) => {
+            FAILED_WORKERS.store(workers, Ordering::Relaxed);
+            let message = format!(
+                "l1l2: could not start {workers} worker threads ({error}); running on the \
+                 calling thread until the thread count changes"
+            );
+            // Never wait here: in a forked child the holder may not exist.
+            if let Ok(mut slot) = POOL_ERROR.try_lock() {
+                *slot = Some(message);
+            }
+            return None;
+        }
+    };
     *slot = Some(Arc::clone(&pool)); // a pool of the old size ends once its last user returns
     Some(pool)
+}
+
+/// The worker count whose pool could not be built (0: none failed).
+static FAILED_WORKERS: AtomicUsize = AtomicUsize::new(0);
+/// Why the last pool could not be built, until someone takes it to report it.
+static POOL_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
+/// Why the thread pool could not be started, once per failure (the calls still complete, on the
+/// calling thread): for a caller that reports it, as the Python binding does with a warning.
+pub fn take_pool_error() -> Option<String> {
+    match POOL_ERROR.try_lock() {
+        Ok(mut error) => error.take(),
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().take(),
+        Err(TryLockError::WouldBlock) => None, // being written: reported on a later call
+    }
 }
 
 fn lock_pool(pid: u32) -> Option<MutexGuard<'static, Option<Arc<ThreadPool>>>> {
@@ -339,10 +489,31 @@ mod tests {
     }
 
     #[test]
+    fn a_check_that_says_stop_abandons_the_call() {
+        let done = AtomicUsize::new(0);
+        let slow_leaf = |range: Range<usize>| {
+            std::thread::sleep(Duration::from_millis(2));
+            done.fetch_add(1, Ordering::Relaxed);
+            count_leaf(range)
+        };
+        let chunks = 400; // 800 ms of chunks on one thread; the first check comes after 50 ms
+        let stopped = interruptible(|| true, || reduce(chunks * CHUNK, 8, &slow_leaf));
+        assert!(stopped.is_none());
+        assert!(
+            done.load(Ordering::Relaxed) < chunks / 2,
+            "{done:?} chunks ran"
+        );
+        let finished = interruptible(|| false, || reduce(20 * CHUNK, 8, &slow_leaf));
+        assert_eq!(finished.map(|p| p.abs), Some((20 * CHUNK) as u128));
+    }
+
+    #[test]
     fn thread_count_parsing() {
         assert_eq!(parse_thread_count(" 3 "), Some(3));
         assert_eq!(parse_thread_count("0"), None);
         assert_eq!(parse_thread_count("-1"), None);
         assert_eq!(parse_thread_count("many"), None);
+        assert_eq!(parse_thread_count("18446744073709551621"), Some(usize::MAX));
+        assert!(max_threads() >= 4);
     }
 }
