@@ -579,6 +579,7 @@ ROOT = Path(__file__).resolve().parents[1]
 C_STRUCTS = {
     "ExtensionBase": "XLA_FFI_Extension_Base",
     "ApiVersion": "XLA_FFI_Api_Version",
+    "TypeId": "XLA_FFI_TypeId",
     "Metadata": "XLA_FFI_Metadata",
     "MetadataExtension": "XLA_FFI_Metadata_Extension",
     "ErrorCreateArgs": "XLA_FFI_Error_Create_Args",
