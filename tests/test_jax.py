@@ -686,3 +686,97 @@ def test_native_reads_strided_and_transposed_slices(rng: np.random.Generator) ->
     expected = np.zeros((40, 30), np.float32)
     expected[:, ::3] = l1l2_rs.grad(piece, 0.1, 0.2)
     np.testing.assert_array_equal(np.asarray(grad), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# vmap with operands that are not batched along every batch dimension
+
+
+def test_native_vmap_unbatched_operand_value_and_grad(rng: np.random.Generator) -> None:
+    # The shared leaf is read once for the whole batch; every batch element still gets its
+    # penalty and its own copy of the shared leaf's gradient.
+    batch = sample(rng, (5, 7), jnp.float32)
+    shared = sample(rng, (4, 3), jnp.float32)
+    l1, l2 = 0.5, 0.25
+
+    def one(x: jax.Array, w: jax.Array) -> jax.Array:
+        return penalty({"x": x, "w": w}, l1, l2, implementation="native")
+
+    values, (grad_x, grad_w) = jax.jit(
+        jax.vmap(jax.value_and_grad(one, argnums=(0, 1)), in_axes=(0, None))
+    )(batch, shared)
+    assert values.shape == (5,) and grad_x.shape == (5, 7) and grad_w.shape == (5, 4, 3)
+    w = np.asarray(shared)
+    for b in range(5):
+        x = np.asarray(batch[b])
+        assert_relative(values[b], exact_penalty([x, w], l1, l2), 4 * UNIT_ROUNDOFF["float32"])
+        for got, leaf in ((grad_x[b], x), (grad_w[b], w)):
+            for g, want in zip(np.ravel(got).tolist(), exact_grad(leaf, l1, l2), strict=True):
+                assert abs(g - float(want)) <= ulp_of(float(want), np.float32)
+
+
+def test_native_nested_vmap_operand_batched_along_one_dim(rng: np.random.Generator) -> None:
+    # `w` is batched by the outer vmap only: its batch dims are (3, 1) of the batch (3, 4).
+    xs = sample(rng, (3, 4, 6), jnp.float32)
+    ws = sample(rng, (3, 5), jnp.float32)
+    l1, l2 = 0.125, 0.75
+
+    def one(x: jax.Array, w: jax.Array) -> jax.Array:
+        return penalty([x, w], l1, l2, implementation="native")
+
+    inner = jax.vmap(jax.value_and_grad(one, argnums=(0, 1)), in_axes=(0, None))
+    values, (grad_x, grad_w) = jax.jit(jax.vmap(inner))(xs, ws)
+    assert values.shape == (3, 4) and grad_w.shape == (3, 4, 5)
+    for i in range(3):
+        w = np.asarray(ws[i])
+        for j in range(4):
+            x = np.asarray(xs[i, j])
+            exact = exact_penalty([x, w], l1, l2)
+            assert_relative(values[i, j], exact, 4 * UNIT_ROUNDOFF["float32"])
+            for got, leaf in ((grad_x[i, j], x), (grad_w[i, j], w)):
+                for g, want in zip(np.ravel(got).tolist(), exact_grad(leaf, l1, l2), strict=True):
+                    assert abs(g - float(want)) <= ulp_of(float(want), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error codes, and the XLA FFI API version check at registration
+
+
+def test_native_argument_problems_are_invalid_argument_errors() -> None:
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"^INVALID_ARGUMENT: l1l2_rs: l1 must"):
+        native_call("l1l2_rs_penalty", [jnp.ones(3)], SCALAR, l1=-1.0, l2=0.0)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"^INVALID_ARGUMENT: l1l2_rs: operand 0"):
+        native_call("l1l2_rs_penalty", [jnp.arange(3)], SCALAR, l1=1.0, l2=0.0)
+
+
+@pytest.mark.parametrize(
+    ("handlers", "jaxlib", "compatible"),
+    [
+        ((0, 3), (0, 3), True),
+        ((0, 3), (0, 5), True),  # a newer minor version still serves older handlers
+        ((0, 3), None, True),  # unknown: XLA checks it again at registration
+        ((0, 3), (0, 2), False),
+        ((0, 3), (1, 3), False),
+    ],
+)
+def test_api_version_problem(
+    handlers: tuple[int, int], jaxlib: tuple[int, int] | None, compatible: bool
+) -> None:
+    problem = l1l2_rs.jax._api_version_problem(handlers, jaxlib)
+    assert (problem is None) == compatible
+    if not compatible:
+        assert problem is not None and "XLA FFI API 0.3" in problem
+
+
+def test_running_jaxlib_serves_the_handlers() -> None:
+    header = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", c_header()))
+    running = l1l2_rs.jax._jaxlib_ffi_api_version()
+    assert running == (int(header["MAJOR"]), int(header["MINOR"]))
+    _, version = l1l2_rs._l1l2_rs.xla_ffi_handlers()
+    assert l1l2_rs.jax._api_version_problem(version, running) is None
+
+
+def test_registration_refuses_another_api_major_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(l1l2_rs.jax, "_jaxlib_ffi_api_version", lambda: (99, 0))
+    problem = l1l2_rs.jax._register_handlers()
+    assert problem is not None and "the running jaxlib has 99.0" in problem
