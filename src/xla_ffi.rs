@@ -494,9 +494,14 @@ unsafe fn buffers(
     buffer_type: c_int,
     what: &str,
 ) -> Result<Vec<Buffer>, Failure> {
-    let count = table_len(size, what)?;
+    let count = table_len(size, &format!("{what}s"))?;
     // SAFETY: the caller's contract: `count` types and entries.
-    let (types, entries) = unsafe { (table(types, count, "types")?, table(entries, count, what)?) };
+    let (types, entries) = unsafe {
+        (
+            table(types, count, &format!("{what} types"))?,
+            table(entries, count, &format!("{what}s"))?,
+        )
+    };
     let mut decoded = Vec::with_capacity(count);
     for (index, (&kind, &entry)) in types.iter().zip(entries).enumerate() {
         if kind != buffer_type {
@@ -531,7 +536,8 @@ unsafe fn buffer(entry: *const abi::Buffer, index: usize, what: &str) -> Result<
     let buffer = unsafe { &*entry };
     let rank = usize::try_from(buffer.rank).map_err(|_| malformed("of negative rank"))?;
     // SAFETY: `dims` holds `rank` entries (c_api.h: "length == rank"); null is refused.
-    let dims = unsafe { table(buffer.dims, rank, "dims") }?
+    let dims = unsafe { table(buffer.dims, rank, "dims") }
+        .map_err(|_| malformed("with null or misaligned dims"))?
         .iter()
         .map(|&dim| usize::try_from(dim))
         .collect::<Result<Vec<_>, _>>()
