@@ -8,13 +8,19 @@
 //! attributes `l1` and `l2` (f64 scalars). It answers the metadata query XLA makes at
 //! registration (the API version it was written against, no traits), turns each buffer into a
 //! core view and runs the core. Every failure, and any panic, becomes an `XLA_FFI_Error` that JAX
-//! raises as a Python exception with the message.
+//! raises as a Python exception with the message: INVALID_ARGUMENT for what the call was given
+//! (operands, results, attributes, an XLA of another API version), INTERNAL for a malformed call
+//! frame or a view of XLA's buffers the core refuses. Every struct XLA passes is read through its
+//! raw pointer up to its `struct_size` before a reference to it is made, and null tables are
+//! refused unless they are empty.
 //!
 //! Batching: when the penalty result has rank `k > 0` (`vmap` with `vmap_method="expand_dims"`
 //! prepends the batch dimensions to every result, and to every operand: the batch's own for a
 //! batched operand, 1 for the others), the first `k` dimensions of every operand index the batch
 //! (a dimension of 1 stands for every index), and each batch element gets its own penalty. An
-//! operand that is not batched is read in place for every batch element, never copied.
+//! operand that is not batched along a batch dimension is read in place, never copied, and its
+//! sums and gradient are computed once for all the indices along it (the gradient is then copied
+//! into each batch element's result).
 
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::mem::{offset_of, size_of};
@@ -267,10 +273,10 @@ impl Failure {
 /// `frame` is the call frame XLA passes to a handler, valid for the duration of the call.
 unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
     // Returning no error without writing the results would hand XLA garbage as the answer, so
-    // a call that is not from XLA at all (no frame, or one too small to hold the API through
-    // which errors are reported) stops the process instead.
-    if frame.is_null() {
-        eprintln!("l1l2_rs: XLA FFI handler called without a call frame");
+    // a call that is not from XLA at all (no frame, a misaligned one, or one too small to hold
+    // the API through which errors are reported) stops the process instead.
+    if frame.is_null() || !frame.is_aligned() {
+        eprintln!("l1l2_rs: XLA FFI handler called without a usable call frame");
         std::process::abort();
     }
     // SAFETY: XLA passes a valid call frame that outlives the call (the caller's contract); its
