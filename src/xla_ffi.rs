@@ -295,6 +295,8 @@ unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
     };
     // SAFETY: the extension chain of XLA's call frame.
     let query = unsafe { metadata_query(extension) };
+    // A chain that cannot be walked counts as an execution: if its failure cannot be reported
+    // either, the process stops rather than XLA reading unwritten results.
     let is_metadata_query = matches!(query, Ok(Some(_)));
     let outcome = if size < CALL_FRAME_SIZE {
         Err(Failure::invalid(format!(
