@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -234,6 +235,9 @@ def test_converted_inputs_give_the_same_bits_on_every_call(rng: np.random.Genera
         (np.array(["a", "b"]), "<U1"),
         (np.array(["2020-01-01"], dtype="datetime64[D]"), "datetime64"),
         ("weights", "<U7"),
+        # ml_dtypes' other types get the same message (bfloat16 is the one they add that we read)
+        (np.ones(3, dtype=ml_dtypes.float8_e5m2), "unsupported dtype float8_e5m2"),
+        (np.ones(3, dtype=ml_dtypes.int4), "unsupported dtype int4"),
     ],
 )
 def test_unsupported_dtypes_raise_type_error_naming_the_dtype(bad: Any, fragment: str) -> None:
