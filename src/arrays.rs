@@ -6,8 +6,9 @@ use numpy::npyffi::{self, NPY_ORDER, PY_ARRAY_API};
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::type_object::PyTypeInfo;
-use pyo3::types::PyList;
+use pyo3::types::{PyList, PyType};
 
 use crate::errors::{to_py, NotReadable, SINGLE};
 
@@ -43,14 +44,29 @@ fn data_pointer(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
     unsafe { (*array.as_array_ptr()).data.cast::<u8>() }
 }
 
-/// Whether `array` is a `numpy.ma.MaskedArray` (an ndarray subclass whose data the core would
-/// otherwise read unmasked). Plain arrays answer by one type comparison.
+/// `numpy.ma.MaskedArray`, looked up when the module is imported (see `lib.rs`).
+static MASKED_ARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// Looks up `numpy.ma.MaskedArray` (at import, so that no call initialises it lazily).
+pub(crate) fn init_masked_array(py: Python<'_>) -> PyResult<()> {
+    MASKED_ARRAY.get_or_try_init(py, || {
+        let class = py.import("numpy.ma")?.getattr("MaskedArray")?;
+        Ok::<_, PyErr>(class.cast_into::<PyType>()?.unbind())
+    })?;
+    Ok(())
+}
+
+/// Whether `array` is a `numpy.ma.MaskedArray` (whose data the core would otherwise read without
+/// the mask): the test the Python layer makes too. Plain arrays answer by one type comparison.
 fn is_masked(array: &Bound<'_, PyUntypedArray>) -> PyResult<bool> {
     let py = array.py();
     if array.get_type().is(PyUntypedArray::type_object(py)) {
         return Ok(false);
     }
-    array.hasattr("_mask")
+    match MASKED_ARRAY.get(py) {
+        Some(class) => array.is_instance(class.bind(py)),
+        None => Ok(false), // set at import; unreachable
+    }
 }
 
 /// `x` as a read view, or `NotReadable` when it is not a numpy array the core can read in place

@@ -24,6 +24,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // child would wait on it forever).
     numpy::PyUntypedArray::type_object(m.py());
     numpy::dtype::<f64>(m.py()).itemsize();
+    arrays::init_masked_array(m.py())?;
     m.add_function(wrap_pyfunction!(functions::sums, m)?)?;
     m.add_function(wrap_pyfunction!(functions::penalty, m)?)?;
     m.add_function(wrap_pyfunction!(functions::value_and_grad, m)?)?;

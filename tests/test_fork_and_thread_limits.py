@@ -207,3 +207,29 @@ def test_ctrl_c_interrupts_a_long_call(call: str) -> None:
     assert outcome == "interrupted", result.stdout
     # The signal comes at 0.5 s; the call notices it within about 50 ms of work.
     assert float(seconds) < 1.5, result.stdout
+
+
+HANDLER_PROBE = textwrap.dedent(
+    """
+    import os, signal, threading
+    import numpy as np
+    import l1l2_rs
+
+    seen = []
+    def handler(signum, frame):
+        seen.append(float(l1l2_rs.penalty(np.ones(10**6), 1.0, 0.0)))  # a large call of its own
+    signal.signal(signal.SIGUSR1, handler)
+    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+    total = l1l2_rs.penalty_many([np.ones(10_000_000, np.float32)] * 300, 1.0, 0.0)
+    print(total, seen)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
+def test_a_signal_handler_may_call_l1l2_rs_during_a_long_call() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", HANDLER_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3000000000.0", "[1000000.0]"]

@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments.files:
         try:
             _demo(regularizer, arguments.size)
-        except MemoryError:
+        except (MemoryError, ValueError):  # numpy refuses sizes beyond its maximum dimension
             gigabytes = arguments.size * 4 / 2**30
             print(
                 f"l1l2: not enough memory for {arguments.size:,} float32 weights "

@@ -29,8 +29,9 @@ impl Compensated {
         }
     }
 
-    /// `copies` times the sum: the product's rounding error is kept (a fused multiply-add), so
-    /// only the conversion of a count above 2^53 to f64 adds an error (2^-53 relative).
+    /// `copies` times the sum, the product's rounding error kept (a fused multiply-add): the result
+    /// is within a few f64 roundings of the exact product (one more, 2^-53 relative, for a count
+    /// above 2^53, which f64 cannot hold exactly).
     pub fn repeat(self, copies: u64) -> Self {
         let k = copies as f64;
         let hi = self.hi * k;

@@ -7,10 +7,12 @@
 //! squared is far inside f64's range). When the fast result shows it (an infinite sum, or a sum
 //! of squares below 2^-968 from a non-zero input), the input is summed again, scaled by `2^600`
 //! or `2^-600` (exact), with every addition compensated; the sums are kept with their scale, and
-//! the penalty applies each factor before the one final scaling. The fast path pays one compare.
+//! the penalty applies each factor before the one final scaling. The fast path pays two compares;
+//! an input holding an infinity (whose sums are infinite either way) pays the second pass too.
 
-use crate::accumulate::Compensated;
+use crate::accumulate::{FloatPartial, Partial};
 use crate::layout::Layout;
+use crate::parallel;
 
 /// 2^-968. Below this, a sum of squares may have lost squares to underflow: each lost square is
 /// under 2^-1074, so above it even 2^50 of them stay under 2^-56 relative.
@@ -25,6 +27,16 @@ pub(crate) struct Scaled {
     pub exponent: i32,
 }
 
+impl Scaled {
+    /// The sums rounded to f64 (infinite or subnormal where they leave its range).
+    pub fn rounded(&self) -> (f64, f64) {
+        (
+            scale(self.abs, self.exponent),
+            scale(self.squares, 2 * self.exponent),
+        )
+    }
+}
+
 /// Whether the fast sums of a float64 input need the scaled pass.
 pub(crate) fn needs_rescaling(sum_abs: f64, sum_squares: f64) -> bool {
     sum_abs == f64::INFINITY
@@ -33,30 +45,30 @@ pub(crate) fn needs_rescaling(sum_abs: f64, sum_squares: f64) -> bool {
 }
 
 /// The sums of the float64 elements `layout` addresses in `data`, repeated `copies` times,
-/// scaled away from the edge the fast sums showed (`underflow`: up by 2^600, else down).
+/// scaled away from the edge the fast sums showed (`underflow`: up by 2^600, else down). Along the
+/// same chunk tree and thread pool as every reduction (so deterministic and interruptible), every
+/// addition compensated; each square is rounded once, as in the fast kernel.
 pub(crate) fn rescaled_sums(data: &[f64], layout: &Layout, copies: u64, underflow: bool) -> Scaled {
     let k = if underflow { 600 } else { -600 };
     let scale = power_of_two(k);
-    let (mut abs, mut squares) = (Compensated::default(), Compensated::default());
     let stride = layout.row_stride();
-    layout.for_each_row_piece(0..layout.len(), |first, count, _| {
-        for j in 0..count {
-            let value = data[first + j * stride] * scale; // exact, unless it under- or overflows
-            abs.add(value.abs());
-            let square = value * value;
-            squares.add(square);
-            if square.is_finite() {
-                squares.add(value.mul_add(value, -square)); // the square's rounding error
+    let mut partial = parallel::reduce(layout.len(), size_of::<f64>(), &|range| {
+        let mut piece = FloatPartial::default();
+        layout.for_each_row_piece(range, |first, count, _| {
+            for j in 0..count {
+                let value = data[first + j * stride] * scale; // exact unless it leaves the range
+                piece.abs.add(value.abs());
+                piece.squares.add(value * value);
             }
-        }
+        });
+        piece
     });
     if copies > 1 {
-        abs = abs.repeat(copies);
-        squares = squares.repeat(copies);
+        partial = partial.repeat(copies);
     }
     Scaled {
-        abs: abs.value(),
-        squares: squares.value(),
+        abs: partial.abs.value(),
+        squares: partial.squares.value(),
         exponent: -k,
     }
 }

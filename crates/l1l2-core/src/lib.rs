@@ -91,9 +91,10 @@ impl Sums {
 
     /// The sums of a scaled float64 pass (see `extremes`).
     pub(crate) fn from_scaled(scaled: extremes::Scaled) -> Self {
+        let (sum_abs, sum_squares) = scaled.rounded();
         Self {
-            sum_abs: extremes::scale(scaled.abs, scaled.exponent),
-            sum_squares: extremes::scale(scaled.squares, 2 * scaled.exponent),
+            sum_abs,
+            sum_squares,
             scaled: Some(scaled),
         }
     }
@@ -118,7 +119,12 @@ impl Sums {
     /// assert_eq!(s.weighted(None, Some(0.25)), 1.0);
     /// ```
     pub fn weighted(&self, l1: Option<f64>, l2: Option<f64>) -> f64 {
-        if let Some(scaled) = self.scaled {
+        // The scaled form, unless the caller has changed the public fields since.
+        if let Some(scaled) = self.scaled.filter(|scaled| {
+            let (sum_abs, sum_squares) = scaled.rounded();
+            (sum_abs.to_bits(), sum_squares.to_bits())
+                == (self.sum_abs.to_bits(), self.sum_squares.to_bits())
+        }) {
             let (abs, squares, e) = (scaled.abs, scaled.squares, scaled.exponent);
             let l1_term = l1.map_or(0.0, |factor| extremes::scaled_product(factor, abs, e));
             let l2_term = l2.map_or(0.0, |factor| {

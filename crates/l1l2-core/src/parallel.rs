@@ -25,6 +25,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
@@ -149,7 +150,7 @@ const INTERRUPT_PERIOD: Duration = Duration::from_millis(50);
 thread_local! {
     /// The interrupt check installed by [`interruptible`] on this thread, and whether it has
     /// said to stop.
-    static INTERRUPT_CHECK: RefCell<Option<Box<dyn Fn() -> bool>>> = const { RefCell::new(None) };
+    static INTERRUPT_CHECK: RefCell<Option<Rc<dyn Fn() -> bool>>> = const { RefCell::new(None) };
     static INTERRUPTED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -160,17 +161,18 @@ thread_local! {
 ///
 /// Inputs under 512 KiB are never interrupted (they take microseconds); larger ones are checked
 /// between chunks of 32 Ki elements on the calling thread, and the workers stop taking chunks
-/// once it has said so.
+/// once it has said so. The check belongs to this thread: called from a worker of the caller's own
+/// rayon pool, it also covers any other l1l2 call that worker runs while it waits.
 pub fn interruptible<R>(check: impl Fn() -> bool + 'static, work: impl FnOnce() -> R) -> Option<R> {
     /// Puts back what was installed before, also if `work` panics.
-    struct Restore(Option<Box<dyn Fn() -> bool>>, bool);
+    struct Restore(Option<Rc<dyn Fn() -> bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
             INTERRUPT_CHECK.with(|slot| *slot.borrow_mut() = self.0.take());
             INTERRUPTED.with(|flag| flag.set(self.1));
         }
     }
-    let previous = INTERRUPT_CHECK.with(|slot| slot.borrow_mut().replace(Box::new(check)));
+    let previous = INTERRUPT_CHECK.with(|slot| slot.borrow_mut().replace(Rc::new(check)));
     let _restore = Restore(previous, INTERRUPTED.with(|flag| flag.replace(false)));
     let result = work();
     (!INTERRUPTED.with(Cell::get)).then_some(result)
@@ -209,7 +211,10 @@ impl Interrupt {
         if last.elapsed() < INTERRUPT_PERIOD {
             return false;
         }
-        let stop = INTERRUPT_CHECK.with(|slot| slot.borrow().as_ref().is_some_and(|check| check()));
+        // Cloned out first: the check may run code (a Python signal handler) that makes calls
+        // of its own, which install their own check in the slot.
+        let check = INTERRUPT_CHECK.with(|slot| slot.borrow().clone());
+        let stop = check.is_some_and(|check| check());
         *last = Instant::now();
         if stop {
             INTERRUPTED.with(|flag| flag.set(true));
