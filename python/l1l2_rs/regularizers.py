@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import _l1l2_rs
-from ._arrays import call, call_many, coerce
+from ._arrays import call, call_many, penalty_of_unreadable
 from ._l1l2_rs import NotReadable
 from ._l1l2_rs import penalty as _native_penalty
 from ._l1l2_rs import value_and_grad as _native_value_and_grad
@@ -127,8 +127,8 @@ class _Builtin(Regularizer):
         l1, l2 = self._terms()
         try:  # inlined `call`: this is the small-call path
             return _native_penalty(x, l1, l2)
-        except NotReadable:
-            return _native_penalty(coerce(x), l1, l2)
+        except NotReadable:  # not a numpy array: converted, or a traced / differentiable tensor
+            return penalty_of_unreadable(_native_penalty, x, l1, l2)
 
     def grad(self, x: Any, *, out: Any = None) -> Any:
         """The gradient of the penalty at ``x``, written into ``out`` (a new array when None)."""
@@ -244,8 +244,13 @@ def _l1l2_terms(l1: object, l2: object) -> tuple[float | None, float | None]:
 
 
 def penalty(x: Any, l1: float | None = 0.0, l2: float | None = 0.0) -> Penalty:
-    """``L1L2(l1, l2)(x)`` without building an object: a numpy scalar of ``x``'s float dtype."""
-    return call(_native_penalty, x, *_l1l2_terms(l1, l2))
+    """``L1L2(l1, l2)(x)`` without building an object: a numpy scalar of ``x``'s float dtype (a
+    backend tensor for a traced or differentiable ``x``, as the regularizer call)."""
+    terms = _l1l2_terms(l1, l2)
+    try:
+        return _native_penalty(x, *terms)
+    except NotReadable:
+        return penalty_of_unreadable(_native_penalty, x, *terms)
 
 
 def sums(x: Any) -> tuple[float, float]:
