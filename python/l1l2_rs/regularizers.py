@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import _l1l2_rs
+from . import _keras_registry, _l1l2_rs
 from ._arrays import call, call_many, penalty_of_unreadable
 from ._l1l2_rs import NotReadable
 from ._l1l2_rs import penalty as _native_penalty
@@ -50,6 +50,8 @@ __all__ = [
 Penalty = Any
 
 _KERAS_MODULE = "keras.regularizers"
+#: The package our built-in classes are registered under with Keras ("l1l2_rs>L1L2").
+_KERAS_PACKAGE = "l1l2_rs"
 _MISSING: Any = object()
 
 
@@ -370,6 +372,7 @@ def register_regularizer(
             )
         _REGISTERED[key] = cls
         cls._l1l2_registered_name = key  # type: ignore[attr-defined]
+        _keras_registry.register(cls, key)
         return cls
 
     return decorator
@@ -393,6 +396,9 @@ def _find_class(
         return found
     if name in _REGISTERED:
         return _REGISTERED[name]
+    package, _, bare_name = name.rpartition(">")
+    if package == _KERAS_PACKAGE and bare_name in _BUILTIN_CLASSES:
+        return _BUILTIN_CLASSES[bare_name]  # the key Keras writes for our classes
     by_bare_name = [cls for key, cls in _REGISTERED.items() if key.split(">", 1)[1] == name]
     if len(by_bare_name) == 1:
         return by_bare_name[0]
@@ -402,7 +408,10 @@ def _find_class(
 def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]:
     """The config dict of a regularizer: Keras 3's format, or TF 2.4's with ``format="tf2"``.
 
-    Built-in classes serialize under ``module: "keras.regularizers"`` so that Keras loads them.
+    Built-in classes serialize under Keras' own names (``module: "keras.regularizers"``): a
+    portable config that Keras alone loads as its class, and ``deserialize`` as ours. Keras itself
+    (a layer's ``get_config``, ``.keras`` files, ``clone_model``) writes our classes under their
+    registered key ``"l1l2_rs>L1L2"`` and loads them back as l1l2_rs' classes.
     """
     if format not in ("keras3", "tf2"):
         raise ValueError(f"format must be 'keras3' or 'tf2', got {format!r}")
@@ -498,3 +507,13 @@ def get(identifier: Any) -> Regularizer | Callable[..., Any] | None:
         function: Callable[..., Any] = identifier
         return function
     raise ValueError(f"Could not interpret regularizer identifier: {identifier!r}")
+
+
+def _register_with_keras() -> None:
+    """Make Keras 3 and tf-keras save and load the built-in classes as ours (lazily)."""
+    for cls in _BUILTIN_CLASSES.values():
+        _keras_registry.register(cls, f"{_KERAS_PACKAGE}>{cls.__name__}")
+    _keras_registry.install()
+
+
+_register_with_keras()
