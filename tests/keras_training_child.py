@@ -159,7 +159,50 @@ def variable_values() -> dict[str, Any]:
         result = regularizer(variable)
         array = np.asarray(result if FLAVOUR == "tf_keras" else keras.ops.convert_to_numpy(result))
         out[name] = [float(array), str(array.dtype)]
+    make = tf.Variable if FLAVOUR == "tf_keras" else keras.Variable
+    negated, zeros = make(-value), make(np.zeros_like(value))
+    for name in ("L1(0.1)", "L1L2(0.1,0.2)"):
+        out[f"negated {name}"] = to_float(calls[name](negated))
+        out[f"zeros {name}"] = to_float(calls[name](zeros))
     return out
+
+
+def mixed_precision_activity() -> dict[str, Any]:
+    """float16 activations whose squares overflow float16: the activity penalty (and training)."""
+    policy = "mixed_float16"
+    if FLAVOUR == "tf_keras":
+        policy = keras.mixed_precision.Policy(policy)
+    out: dict[str, Any] = {}
+    for name, make in (("ours", lambda: l1l2_rs.L2(1e-6)), ("theirs", keras.regularizers.L2)):
+        layer = keras.layers.Dense(
+            4,
+            dtype=policy,
+            kernel_initializer=keras.initializers.Constant(60.0),
+            activity_regularizer=make(1e-6) if name == "theirs" else make(),
+        )
+        model = keras.Sequential([keras.Input((5,)), layer])
+        inputs = np.abs(X[:16]) + 1.0  # outputs of a few hundred: squares > 65504
+        outputs = np.asarray(model.predict(inputs, verbose=0), dtype=np.float64)
+        model(inputs)
+        penalty = model.losses[0]
+        out[name] = to_float(penalty)
+        out[f"{name} dtype"] = (
+            penalty.dtype.name
+            if FLAVOUR == "tf_keras"
+            else keras.backend.standardize_dtype(penalty.dtype)
+        )
+        out["reference"] = 1e-6 * float(np.sum(outputs * outputs)) / len(inputs)
+        # Keras 3's tensorflow backend cannot fit a mixed_float16 activity penalty, its own
+        # included (it stacks the float16 penalty with float32 losses); numpy does not train.
+        if BACKEND not in ("numpy", "tensorflow") and name == "ours":
+            model.compile(optimizer=keras.optimizers.SGD(1e-6), loss="mse")
+            model.fit(inputs, np.full((16, 4), 100.0), epochs=1, batch_size=16, verbose=0)
+            out["trained finite"] = bool(np.all(np.isfinite(flat_weights(model))))
+    return out
+
+
+def flat_weights(model: Any) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(w, dtype=np.float64)) for w in model.get_weights()])
 
 
 def main() -> None:
@@ -168,6 +211,7 @@ def main() -> None:
         "training": training_cases(),
         "shared": shared_layer_losses(),
         "variables": variable_values(),
+        "mixed precision": mixed_precision_activity(),
     }
     print(json.dumps(report))
 
