@@ -2,7 +2,9 @@
 //! released (for inputs large enough for that to pay) and converts the result.
 
 use l1l2_core::{ArrayView, ArrayViewMut, Error, Factors, Update};
-use pyo3::exceptions::PyValueError;
+use std::ffi::CString;
+
+use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -13,12 +15,24 @@ use crate::errors::{to_py, Names, MANY, SINGLE};
 const DETACH_MIN_LEN: usize = 1 << 13;
 
 /// Runs `work` with the GIL released, unless the input is too small for that to pay.
-fn detach_if_large<R: Send>(py: Python<'_>, len: usize, work: impl FnOnce() -> R + Send) -> R {
-    if len >= DETACH_MIN_LEN {
-        py.detach(work)
-    } else {
-        work()
+fn detach_if_large<R: Send>(
+    py: Python<'_>,
+    len: usize,
+    work: impl FnOnce() -> R + Send,
+) -> PyResult<R> {
+    if len < DETACH_MIN_LEN {
+        return Ok(work());
     }
+    let result = py.detach(work);
+    if let Some(message) = l1l2_core::parallel::take_pool_error() {
+        PyErr::warn(
+            py,
+            &py.get_type::<PyRuntimeWarning>(),
+            &CString::new(message)?,
+            1,
+        )?;
+    }
+    Ok(result)
 }
 
 fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
@@ -27,7 +41,8 @@ fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
 
 fn update(accumulate: bool, scale: f64, out_given: bool) -> PyResult<Update> {
     match (accumulate, out_given) {
-        (false, _) => Ok(Update::Overwrite),
+        (false, _) if scale == 1.0 => Ok(Update::Overwrite),
+        (false, _) => Ok(Update::Scaled { scale }),
         (true, true) => Ok(Update::Accumulate { scale }),
         (true, false) => Err(PyValueError::new_err(
             "l1l2_rs: accumulate=True adds into an existing gradient: pass it as out=",
@@ -39,7 +54,7 @@ fn update(accumulate: bool, scale: f64, out_given: bool) -> PyResult<Update> {
 #[pyfunction]
 pub(crate) fn sums(x: &Bound<'_, PyAny>) -> PyResult<(f64, f64)> {
     let view = read_view(x)?;
-    let sums = detach_if_large(x.py(), view.len(), || view.sums());
+    let sums = detach_if_large(x.py(), view.len(), || view.sums())?;
     Ok((sums.sum_abs, sums.sum_squares))
 }
 
@@ -54,13 +69,13 @@ pub(crate) fn penalty<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let factors = factors(l1, l2)?;
     let view = read_view(x)?;
-    let sums = detach_if_large(x.py(), view.len(), || view.sums());
+    let sums = detach_if_large(x.py(), view.len(), || view.sums())?;
     let dtype = view.dtype();
     penalty_scalar(x, dtype, dtype.round_result(factors.penalty(&sums)))
 }
 
-/// The penalty (as `penalty`) and its gradient, written into `out` (a new array like `x` when
-/// `None`), or added to it, times `scale`, with `accumulate`.
+/// The penalty (as `penalty`) and its gradient times `scale`, written into `out` (a new array like
+/// `x` when `None`), or added to it with `accumulate`.
 #[pyfunction]
 #[pyo3(signature = (x, l1, l2, out=None, accumulate=false, scale=1.0))]
 pub(crate) fn value_and_grad<'py>(
@@ -90,7 +105,7 @@ pub(crate) fn value_and_grad<'py>(
     )?;
     let value = detach_if_large(x.py(), view.len(), || {
         l1l2_core::value_and_grad(&view, &mut grad, &factors, update)
-    })
+    })?
     .map_err(|error| to_py(error, SINGLE))?;
     drop(grad);
     let dtype = view.dtype();
@@ -127,24 +142,28 @@ pub(crate) fn prox_<'py>(
     )?;
     detach_if_large(x.py(), view.len(), || {
         l1l2_core::prox(&mut view, lr, &factors)
-    })
+    })?
     .map_err(|error| to_py(error, SINGLE))?;
     Ok(x.clone())
 }
 
+// Filled by hand: `collect` into a `PyResult<Vec<_>>` does not know the length and grows the
+// vector by reallocation, moving every view several times over.
 fn read_views<'a>(arrays: &'a [Bound<'_, PyAny>]) -> PyResult<Vec<ArrayView<'a>>> {
-    arrays.iter().map(|array| read_view(array)).collect()
+    let mut views = Vec::with_capacity(arrays.len());
+    for array in arrays {
+        views.push(read_view(array)?);
+    }
+    Ok(views)
 }
 
 fn write_views<'a>(arrays: &'a [Bound<'_, PyAny>], name: &str) -> PyResult<Vec<ArrayViewMut<'a>>> {
-    arrays
-        .iter()
-        .enumerate()
-        .map(|(index, array)| {
-            let index = Some(index);
-            write_view(array, Arg { name, index })
-        })
-        .collect()
+    let mut views = Vec::with_capacity(arrays.len());
+    for (index, array) in arrays.iter().enumerate() {
+        let index = Some(index);
+        views.push(write_view(array, Arg { name, index })?);
+    }
+    Ok(views)
 }
 
 fn total_len<V>(views: &[V], len: impl Fn(&V) -> usize) -> usize {
@@ -157,7 +176,7 @@ pub(crate) fn sums_many(xs: &Bound<'_, PyAny>) -> PyResult<Vec<(f64, f64)>> {
     let arrays = items(xs, "xs")?;
     let views = read_views(&arrays)?;
     let len = total_len(&views, ArrayView::len);
-    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views));
+    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views))?;
     Ok(sums.iter().map(|s| (s.sum_abs, s.sum_squares)).collect())
 }
 
@@ -173,7 +192,7 @@ pub(crate) fn penalty_many(
     let arrays = items(xs, "xs")?;
     let views = read_views(&arrays)?;
     let len = total_len(&views, ArrayView::len);
-    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views));
+    let sums = detach_if_large(xs.py(), len, || l1l2_core::sums_many(&views))?;
     Ok(views
         .iter()
         .zip(&sums)
@@ -212,7 +231,7 @@ pub(crate) fn value_and_grad_many<'py>(
     let len = total_len(&views, ArrayView::len);
     let values = detach_if_large(xs.py(), len, || {
         l1l2_core::value_and_grad_many(&views, &mut grads, &factors, update)
-    })
+    })?
     .map_err(|error| to_py(error, MANY))?;
     drop(grads);
     Ok((values.iter().sum(), PyList::new(xs.py(), outs)?))
@@ -233,7 +252,7 @@ pub(crate) fn prox_many_<'py>(
     let len = total_len(&views, ArrayViewMut::len);
     detach_if_large(xs.py(), len, || {
         l1l2_core::prox_many(&mut views, lr, &factors)
-    })
+    })?
     .map_err(|error| {
         to_py(
             error,

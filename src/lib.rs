@@ -12,10 +12,17 @@ mod functions;
 #[cfg(feature = "probe")]
 mod probe;
 
+use numpy::PyArrayDescrMethods;
 use pyo3::prelude::*;
+use pyo3::type_object::PyTypeInfo;
 
 #[pymodule(gil_used = false)]
 fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // rust-numpy looks up numpy's C API and its ABI version lazily, behind once-cells: done here,
+    // at import, before any thread can be inside that first lookup when the process forks (the
+    // child would wait on it forever).
+    numpy::PyUntypedArray::type_object(m.py());
+    numpy::dtype::<f64>(m.py()).itemsize();
     m.add_function(wrap_pyfunction!(functions::sums, m)?)?;
     m.add_function(wrap_pyfunction!(functions::penalty, m)?)?;
     m.add_function(wrap_pyfunction!(functions::value_and_grad, m)?)?;

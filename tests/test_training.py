@@ -637,15 +637,19 @@ ACCUMULATE_LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("accumulate", [True, False], ids=["accumulate", "overwrite"])
 @pytest.mark.parametrize("scale", [0.5, 1 / 32, -1.0])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-def test_accumulate_with_scale_against_exact_reference(
-    dtype: Any, scale: float, rng: np.random.Generator
+def test_scale_against_exact_reference(
+    dtype: Any, scale: float, accumulate: bool, rng: np.random.Generator
 ) -> None:
+    # Without accumulate, out = scale * gradient: what adding it to zeros gives.
     base = sample(rng, BASE_SIZE, dtype, moderate=True)
     old_base = sample(rng, BASE_SIZE, dtype, moderate=True)
+    zeros = np.zeros_like(base)
     for l1, l2 in [(0.1, 0.2), (0.0, 0.05), (0.03, 0.0)]:
-        expected = expected_accumulate(base, old_base, l1, l2, scale)
+        added_to = old_base if accumulate else zeros
+        expected = expected_accumulate(base, added_to, l1, l2, scale)
         for name in ACCUMULATE_LAYOUTS:
             layout = LAYOUTS[name]
             x = layout(base)
@@ -655,9 +659,9 @@ def test_accumulate_with_scale_against_exact_reference(
                 out = layout(old_copy)
                 if out_layout == "C":
                     out = np.array(out, order="C", copy=True)
-                what = f"accumulate {name} out={out_layout} l1={l1} l2={l2} scale={scale}"
+                what = f"{accumulate=} {name} out={out_layout} l1={l1} l2={l2} scale={scale}"
                 penalty, got = l1l2_rs.value_and_grad(
-                    x, l1, l2, out=out, accumulate=True, scale=scale
+                    x, l1, l2, out=out, accumulate=accumulate, scale=scale
                 )
                 assert got is out, what
                 assert_matches(got, want, x, what)
@@ -1077,8 +1081,9 @@ def test_accumulate_errors(call: str) -> None:
         function(x, accumulate=True)
     out = np.full(5, SENTINEL)
     for scale in (math.nan, math.inf, -math.inf):
-        with pytest.raises(ValueError):
-            function(x, out=out, accumulate=True, scale=scale)
+        for accumulate in (True, False):
+            with pytest.raises(ValueError, match="scale"):
+                function(x, out=out, accumulate=accumulate, scale=scale)
     assert (out == SENTINEL).all()
 
 

@@ -8,6 +8,7 @@ np.float64(2.75)
 from __future__ import annotations
 
 import operator
+import sys
 
 from . import _l1l2_rs
 from ._l1l2_rs import get_num_threads, simd_isa
@@ -39,7 +40,11 @@ __version__ = "0.1.0"
 
 def set_num_threads(threads: int) -> None:
     """Use ``threads`` threads for large inputs (0 restores the default: ``L1L2_NUM_THREADS``, else
-    ``RAYON_NUM_THREADS``, else the CPU count). Results are bit-identical for any count."""
+    ``RAYON_NUM_THREADS``, else the CPU count). Results are bit-identical for any count.
+
+    Counts above 4 per CPU (at least 4) are capped there: ``get_num_threads()`` reports the count
+    in use. If the threads cannot be started, a ``RuntimeWarning`` says so once and calls run on
+    the calling thread."""
     if isinstance(threads, bool):
         raise TypeError(f"threads must be an int, got {threads!r}")
     try:
@@ -48,7 +53,7 @@ def set_num_threads(threads: int) -> None:
         raise TypeError(f"threads must be an int, got {threads!r}") from None
     if count < 0:
         raise ValueError(f"threads must be >= 0 (0 = default), got {count}")
-    _l1l2_rs.set_num_threads(min(count, 4096))
+    _l1l2_rs.set_num_threads(min(count, sys.maxsize))  # the core caps it further
 
 
 def _register_with_threadpoolctl() -> None:

@@ -93,15 +93,22 @@ def _on_cache_line(
     array: np.ndarray[Any, np.dtype[Any]], dtype: np.dtype[Any]
 ) -> np.ndarray[Any, np.dtype[Any]]:
     """``array`` as ``dtype``, C-contiguous from a 64-byte boundary (itself if it is already)."""
-    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
+    if array.dtype == dtype and array.flags.c_contiguous and _address(array) % 64 == 0:
         return array
     nbytes = array.size * dtype.itemsize
     raw = np.empty(nbytes + 64, dtype=np.uint8)
-    start: int = -raw.ctypes.data % 64
+    start: int = -_address(raw) % 64
     placed: np.ndarray[Any, np.dtype[Any]] = raw[start : start + nbytes].view(dtype)
     placed = placed.reshape(array.shape)
     placed[...] = array
     return placed
+
+
+def _address(array: np.ndarray[Any, np.dtype[Any]]) -> int:
+    """The address of ``array``'s first element (``.ctypes`` would import ctypes on first use, and a
+    child forked while another thread holds that import's lock would hang)."""
+    address: int = array.__array_interface__["data"][0]
+    return address
 
 
 def refuse_tracked(x: object) -> None:

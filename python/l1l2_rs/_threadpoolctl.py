@@ -21,7 +21,9 @@ class L1L2Controller(threadpoolctl.LibController):  # type: ignore[misc]
         return _l1l2_rs.get_num_threads()
 
     def set_num_threads(self, num_threads: int) -> None:
-        _l1l2_rs.set_num_threads(num_threads)
+        from . import set_num_threads  # validates (ValueError for negative counts) and caps
+
+        set_num_threads(num_threads)
 
     def get_version(self) -> str:
         from . import __version__

@@ -271,9 +271,10 @@ def value_and_grad(
 ) -> tuple[Penalty, Any]:
     """The penalty of ``L1L2(l1, l2)`` at ``x`` and its gradient, in one pass over ``x``.
 
-    The gradient ``l1 * sign(x) + 2 * l2 * x`` (``sign(0) = 0``, as in PyTorch and TensorFlow) is
-    written into ``out`` (a new array like ``x`` when None), or with ``accumulate=True`` added to
-    it: ``out += scale * gradient``. ``scale`` multiplies the gradient only. The penalty has the
+    The gradient ``l1 * sign(x) + 2 * l2 * x`` (``sign(0) = 0``, as in PyTorch and TensorFlow),
+    times ``scale``, is written into ``out`` (a new array like ``x`` when None), or with
+    ``accumulate=True`` added to it: ``out += scale * gradient``. ``scale`` (finite; e.g. a backward
+    pass's incoming gradient or ``1 / batch``) multiplies the gradient only. The penalty has the
     bits of ``penalty(x, l1, l2)``. ``out`` must have ``x``'s dtype and shape and must not share
     memory with ``x``.
     """

@@ -73,9 +73,16 @@ impl Factors {
 
 /// How a gradient reaches its destination.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Update {
     /// `g = l1 * sign(x) + 2 * l2 * x`.
     Overwrite,
+    /// `g = scale * (l1 * sign(x) + 2 * l2 * x)`, e.g. a backward pass's incoming gradient;
+    /// `scale` must be finite. With `scale = 1` this is [`Update::Overwrite`], bit for bit.
+    Scaled {
+        /// The factor of the gradient (never of the returned penalty).
+        scale: f64,
+    },
     /// `g += scale * (l1 * sign(x) + 2 * l2 * x)`; `scale` must be finite and multiplies the
     /// gradient only, never the penalty.
     Accumulate {
@@ -196,17 +203,18 @@ fn value_and_grad_all(
     factors: &Factors,
     update: Update,
 ) -> Result<Vec<f64>, Error> {
-    let scale = match update {
-        Update::Overwrite => None,
-        Update::Accumulate { scale } if scale.is_finite() => Some(scale),
-        Update::Accumulate { scale } => {
-            return Err(Error::InvalidArgument {
-                name: "scale",
-                value: scale,
-                expected: "a finite number",
-            })
-        }
+    let (scale, accumulate) = match update {
+        Update::Overwrite => (None, false),
+        Update::Scaled { scale } => (Some(scale), false),
+        Update::Accumulate { scale } => (Some(scale), true),
     };
+    if let Some(scale) = scale.filter(|scale| !scale.is_finite()) {
+        return Err(Error::InvalidArgument {
+            name: "scale",
+            value: scale,
+            expected: "a finite number",
+        });
+    }
     if xs.len() != gs.len() {
         return Err(Error::LengthMismatch {
             sources: xs.len(),
@@ -221,10 +229,10 @@ fn value_and_grad_all(
     let dests: Vec<Range<usize>> = gs.iter().map(ArrayViewMut::byte_range).collect();
     check_disjoint(&sources, &dests)?;
 
-    let math = GradMath::new(factors, scale);
+    let math = GradMath::new(factors, scale, accumulate);
     let gs: &[ArrayViewMut<'_>] = gs;
     let lens: Vec<usize> = xs.iter().map(ArrayView::len).collect();
-    let factor = if scale.is_some() { 3 } else { 2 };
+    let factor = if accumulate { 3 } else { 2 };
     let bytes = xs
         .iter()
         .map(|x| factor * x.len() * x.dtype().itemsize())
@@ -396,9 +404,9 @@ fn grad_piece<T: Float + Reduce>(
 }
 
 /// The gradient of the penalty, element by element: `l1 * sign(x) + l2_twice * x` over the terms
-/// present. When accumulating, `scale` is folded into the factors first (`l1` and `l2_twice` are
-/// then `scale * l1` and `scale * 2 * l2`, each rounded once), so that a gradient whose scaled
-/// value is finite never overflows on the way.
+/// present. A `scale` is folded into the factors first (`l1` and `l2_twice` are then
+/// `scale * l1` and `scale * 2 * l2`, each rounded once), so that a gradient whose scaled value is
+/// finite never overflows on the way.
 #[derive(Clone, Copy, Debug)]
 struct GradMath {
     l1: Option<f64>,
@@ -407,12 +415,12 @@ struct GradMath {
 }
 
 impl GradMath {
-    fn new(factors: &Factors, scale: Option<f64>) -> Self {
+    fn new(factors: &Factors, scale: Option<f64>, accumulate: bool) -> Self {
         let scaled = |factor: f64| scale.map_or(factor, |scale| scale * factor);
         Self {
             l1: factors.l1.map(scaled),
             l2_twice: factors.l2.map(|l2| scaled(2.0 * l2)),
-            accumulate: scale.is_some(),
+            accumulate,
         }
     }
 }

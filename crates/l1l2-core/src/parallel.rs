@@ -232,10 +232,11 @@ static REQUESTED_THREADS: AtomicUsize = AtomicUsize::new(0);
 static POOL_PID: AtomicU32 = AtomicU32::new(0);
 static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
 
-/// Sets the number of threads large inputs are reduced with; `0` restores the default (see the
-/// module docs). Takes effect on the next call; results do not depend on it.
+/// Sets the number of threads large inputs are reduced with, at most [`max_threads`] (larger
+/// requests are capped); `0` restores the default (see the module docs). Takes effect on the next
+/// call; results do not depend on it.
 pub fn set_num_threads(threads: usize) {
-    REQUESTED_THREADS.store(threads, Ordering::Relaxed);
+    REQUESTED_THREADS.store(threads.min(max_threads()), Ordering::Relaxed);
 }
 
 /// The number of threads the next large reduction will use (1 = serial).
@@ -246,22 +247,58 @@ pub fn num_threads() -> usize {
     }
 }
 
-/// The default thread count, read from the environment once per process.
+/// The default thread count, read from the environment once per process (capped by
+/// [`max_threads`]).
+///
+/// Cached in an atomic rather than a `OnceLock`: a process forked while another thread was
+/// computing it would find a `OnceLock` forever "being initialised" and hang on its first call;
+/// two threads computing it at once merely store the same value twice.
 fn default_threads() -> usize {
-    static DEFAULT: OnceLock<usize> = OnceLock::new();
-    *DEFAULT.get_or_init(|| {
-        ["L1L2_NUM_THREADS", "RAYON_NUM_THREADS"]
-            .iter()
-            .filter_map(|name| std::env::var(name).ok())
-            .find_map(|value| parse_thread_count(&value))
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    })
+    static DEFAULT: AtomicUsize = AtomicUsize::new(0);
+    match DEFAULT.load(Ordering::Relaxed) {
+        0 => {
+            let threads = ["L1L2_NUM_THREADS", "RAYON_NUM_THREADS"]
+                .iter()
+                .filter_map(|name| std::env::var(name).ok())
+                .find_map(|value| parse_thread_count(&value))
+                .unwrap_or_else(cpu_count)
+                .min(max_threads());
+            DEFAULT.store(threads, Ordering::Relaxed);
+            threads
+        }
+        threads => threads,
+    }
 }
 
-/// Parses a thread-count setting the way the environment variables are read: a positive integer,
-/// or `None` for anything else (which the library treats as "not set").
+/// The CPUs this process may run on (1 if unknown), cached as [`default_threads`] is.
+fn cpu_count() -> usize {
+    static CPUS: AtomicUsize = AtomicUsize::new(0);
+    match CPUS.load(Ordering::Relaxed) {
+        0 => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            CPUS.store(cpus, Ordering::Relaxed);
+            cpus
+        }
+        cpus => cpus,
+    }
+}
+
+/// The most threads a reduction uses, whatever was asked for: 4 per CPU (at least 4). More only
+/// add wake-ups, and an unbounded request (`threadpool_limits(10**6)`, a mistyped environment
+/// variable) would try to start that many threads.
+pub fn max_threads() -> usize {
+    cpu_count().saturating_mul(4).max(4)
+}
+
+/// Parses a thread-count setting the way the environment variables are read: a positive integer
+/// (one too large for `usize` counts as `usize::MAX`: the cap applies), or `None` for anything
+/// else (which the library treats as "not set").
 pub fn parse_thread_count(value: &str) -> Option<usize> {
-    value.trim().parse::<usize>().ok().filter(|&n| n > 0)
+    match value.trim().parse::<usize>() {
+        Ok(count) => Some(count).filter(|&n| n > 0),
+        Err(error) if *error.kind() == std::num::IntErrorKind::PosOverflow => Some(usize::MAX),
+        Err(_) => None,
+    }
 }
 
 /// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
@@ -287,15 +324,45 @@ fn pool() -> Option<Arc<ThreadPool>> {
     {
         return Some(Arc::clone(pool));
     }
-    let pool = Arc::new(
-        ThreadPoolBuilder::new()
-            .num_threads(workers)
-            .thread_name(|i| format!("l1l2-{i}"))
-            .build()
-            .ok()?,
-    );
+    if FAILED_WORKERS.load(Ordering::Relaxed) == workers {
+        return None; // this size could not be built: serial, without retrying on every call
+    }
+    let built = ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("l1l2-{i}"))
+        .build();
+    let pool = match built {
+        Ok(pool) => Arc::new(pool),
+        Err(error) => {
+            FAILED_WORKERS.store(workers, Ordering::Relaxed);
+            let message = format!(
+                "l1l2: could not start {workers} worker threads ({error}); running on the \
+                 calling thread until the thread count changes"
+            );
+            // Never wait here: in a forked child the holder may not exist.
+            if let Ok(mut slot) = POOL_ERROR.try_lock() {
+                *slot = Some(message);
+            }
+            return None;
+        }
+    };
     *slot = Some(Arc::clone(&pool)); // a pool of the old size ends once its last user returns
     Some(pool)
+}
+
+/// The worker count whose pool could not be built (0: none failed).
+static FAILED_WORKERS: AtomicUsize = AtomicUsize::new(0);
+/// Why the last pool could not be built, until someone takes it to report it.
+static POOL_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
+/// Why the thread pool could not be started, once per failure (the calls still complete, on the
+/// calling thread): for a caller that reports it, as the Python binding does with a warning.
+pub fn take_pool_error() -> Option<String> {
+    match POOL_ERROR.try_lock() {
+        Ok(mut error) => error.take(),
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().take(),
+        Err(TryLockError::WouldBlock) => None, // being written: reported on a later call
+    }
 }
 
 fn lock_pool(pid: u32) -> Option<MutexGuard<'static, Option<Arc<ThreadPool>>>> {
@@ -344,5 +411,7 @@ mod tests {
         assert_eq!(parse_thread_count("0"), None);
         assert_eq!(parse_thread_count("-1"), None);
         assert_eq!(parse_thread_count("many"), None);
+        assert_eq!(parse_thread_count("18446744073709551621"), Some(usize::MAX));
+        assert!(max_threads() >= 4);
     }
 }

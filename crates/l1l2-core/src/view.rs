@@ -38,7 +38,22 @@ impl Raw {
         strides: &[isize],
     ) -> Result<Self, Error> {
         let layout = Layout::new(span_len, offset, shape, strides)?;
-        Ok(Self {
+        Ok(Self::with_layout(
+            base, span_len, dtype, offset, shape, strides, layout,
+        ))
+    }
+
+    #[inline]
+    fn with_layout(
+        base: *mut u8,
+        span_len: usize,
+        dtype: DType,
+        offset: usize,
+        shape: &[usize],
+        strides: &[isize],
+        layout: Layout,
+    ) -> Self {
+        Self {
             base,
             span_len,
             dtype,
@@ -46,7 +61,7 @@ impl Raw {
             strides: strides.iter().copied().collect(),
             offset,
             layout,
-        })
+        }
     }
 
     /// A view from a pointer to element `[0, 0, ..]` and byte strides, the span derived from them.
@@ -80,6 +95,20 @@ impl Raw {
         }
         if (data as usize) % itemsize != 0 {
             return Err(Error::Misaligned { dtype });
+        }
+        if is_c_contiguous(shape, &strides) {
+            // The common case (every tensor of a model's parameter list, as a rule): one row
+            // from `data`, with no normalisation to do.
+            if len
+                .checked_mul(itemsize)
+                .is_none_or(|bytes| bytes > isize::MAX as usize)
+            {
+                return Err(Error::TooLarge);
+            }
+            let layout = Layout::contiguous(0, len);
+            return Ok(Self::with_layout(
+                data, len, dtype, 0, shape, &strides, layout,
+            ));
         }
         // The lowest and highest addressed element, relative to `data`.
         let (mut low, mut high) = (0i128, 0i128);
@@ -138,6 +167,20 @@ impl Raw {
         let start = self.base as usize + extent.start * itemsize;
         start..start + extent.len() * itemsize
     }
+}
+
+/// Whether `strides` (in elements) lay `shape` out in C order without gaps, unit dimensions aside.
+fn is_c_contiguous(shape: &[usize], strides: &[isize]) -> bool {
+    let mut expected = 1usize;
+    for (&dim, &stride) in shape.iter().zip(strides).rev() {
+        if dim != 1 {
+            if stride != expected as isize {
+                return false;
+            }
+            expected = expected.saturating_mul(dim);
+        }
+    }
+    true
 }
 
 /// The methods both views have, over their `raw` field.

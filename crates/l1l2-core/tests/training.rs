@@ -494,9 +494,12 @@ fn factor_sets() -> Vec<Factors> {
     ]
 }
 
-fn updates() -> [Update; 4] {
+fn updates() -> [Update; 7] {
     [
         Update::Overwrite,
+        Update::Scaled { scale: 1.0 },
+        Update::Scaled { scale: -1.0 / 3.0 },
+        Update::Scaled { scale: 0.0 },
         Update::Accumulate { scale: 1.0 },
         Update::Accumulate { scale: -1.0 / 3.0 },
         Update::Accumulate { scale: 0.0 },
@@ -951,8 +954,8 @@ fn check_grad_case<T: Float>(
     report: &mut Report,
 ) {
     let mut g_buf: Vec<T> = match update {
-        Update::Overwrite => vec![T::sentinel(); case.g.buf_len],
         Update::Accumulate { .. } => random_vec(rng, case.g.buf_len),
+        _ => vec![T::sentinel(); case.g.buf_len],
     };
     let g_old = g_buf.clone();
     let x = ArrayView::new(x_buf, case.x.offset, &case.shape, &case.x.strides).unwrap();
@@ -1003,7 +1006,10 @@ fn check_grad_case<T: Float>(
                     ))
                 }
             }
+            // `scale * gradient` is what adding it to +0 gives (up to the sign of a zero).
+            Update::Scaled { scale } => check_accumulate(xv, 0.0, scale, got, factors, T::FMT),
             Update::Accumulate { scale } => check_accumulate(xv, old, scale, got, factors, T::FMT),
+            _ => unreachable!("an update the tests do not know"),
         };
         if let Err(expected) = result {
             report.fail(|| {

@@ -1,0 +1,172 @@
+"""Fork safety by construction, and one thread-count rule for every entry point.
+
+A process forked while another thread is inside a first-time initialisation (a once-cell, a
+module import) inherits that state half-done, without the thread that would finish it: its first
+call then waits forever. Each scenario below runs in a fresh interpreter, so that the first call
+of its kind really is the first: a thread makes it while the main thread forks again and again,
+and every child must then finish a call of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import l1l2_rs
+
+FORK_TRIAL = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    import numpy as np
+    import l1l2_rs
+
+    inputs = {
+        "large": lambda: np.ones(2_000_000, np.float32),  # the thread count, the pool
+        "small": lambda: np.ones(10, np.float32),  # the numpy C API, its ABI version
+        "list": lambda: [1.0, 2.0, 3.0],  # converted in Python, placed on a cache line
+        "byteswapped": lambda: np.ones(10, ">f4"),
+        "void": lambda: np.zeros(3, "V2"),  # the dtype's name, an error message
+    }
+    x = inputs[sys.argv[1]]()
+
+    def call():
+        try:
+            l1l2_rs.sums(x)
+        except TypeError:
+            pass  # "void" is refused, which is its own first-time path
+
+    started = threading.Event()
+    first = threading.Thread(target=lambda: (started.set(), call()))
+    first.start()
+    started.wait()
+    children = []
+    while (first.is_alive() or len(children) < 5) and len(children) < 40:
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a hung child dies of SIGALRM
+            call()
+            os._exit(0)
+        children.append(pid)
+    first.join()
+    hung = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        hung += os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0
+    print(len(children), hung)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+@pytest.mark.parametrize("kind", ["large", "small", "list", "byteswapped", "void"])
+def test_fork_during_a_first_call_never_hangs_the_child(kind: str) -> None:
+    forks = hung = 0
+    for _ in range(4):
+        result = subprocess.run(
+            [sys.executable, "-c", FORK_TRIAL, kind],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        count, stuck = map(int, result.stdout.split())
+        forks += count
+        hung += stuck
+    assert forks >= 20
+    assert hung == 0, f"{hung} of {forks} forked children hung"
+
+
+THREADS_PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import l1l2_rs
+
+    how = sys.argv[1]
+    if how == "set_num_threads":
+        l1l2_rs.set_num_threads(int(sys.argv[2]))
+    elif how == "threadpool_limits":
+        import threadpoolctl
+        limits = threadpoolctl.threadpool_limits(int(sys.argv[2]), user_api="l1l2_rs")
+    x = np.ones(4_000_000, np.float32)
+    counts = []
+    for _ in range(3):
+        assert l1l2_rs.sums(x) == (4e6, 4e6)
+        counts.append(len(os.listdir("/proc/self/task")))
+    print(json.dumps({"threads": l1l2_rs.get_num_threads(), "tasks": counts,
+                      "cpus": len(os.sched_getaffinity(0))}))
+    """
+)
+
+
+def _probe(*args: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("L1L2_NUM_THREADS", "RAYON_NUM_THREADS")
+    }
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=full_env,
+        check=True,
+    )
+    probe: dict[str, object] = json.loads(result.stdout)
+    return probe
+
+
+HUGE = [str(10**6), str(2**64 - 1), str(2**64 + 5)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        *[(("set_num_threads", n), None) for n in HUGE],
+        *[(("threadpool_limits", n), None) for n in HUGE],
+        *[(("default",), {"L1L2_NUM_THREADS": n}) for n in HUGE],
+        (("default",), {"RAYON_NUM_THREADS": str(10**6)}),
+    ],
+)
+def test_huge_thread_counts_are_capped_at_four_per_cpu(
+    args: tuple[str, ...], env: dict[str, str] | None
+) -> None:
+    probe = _probe(*args, env=env)
+    cpus = probe["cpus"]
+    assert isinstance(cpus, int)
+    cap = max(4 * cpus, 4)
+    assert probe["threads"] == cap
+    tasks = probe["tasks"]
+    assert isinstance(tasks, list)
+    # The pool is built once (cap - 1 workers beside the caller) and reused, not rebuilt per call.
+    assert len(set(tasks)) == 1, tasks
+    assert tasks[0] <= cap + 16, tasks  # the interpreter's and numpy's own threads aside
+
+
+def test_capped_count_is_what_get_num_threads_reports() -> None:
+    cap = max(4 * len(os.sched_getaffinity(0)), 4)
+    try:
+        l1l2_rs.set_num_threads(10**30)
+        assert l1l2_rs.get_num_threads() == cap
+        l1l2_rs.set_num_threads(cap - 1)
+        assert l1l2_rs.get_num_threads() == cap - 1
+    finally:
+        l1l2_rs.set_num_threads(0)
+
+
+def test_negative_limits_through_threadpoolctl_are_a_value_error() -> None:
+    import threadpoolctl
+
+    before = l1l2_rs.get_num_threads()
+    with (
+        pytest.raises(ValueError, match="threads"),
+        threadpoolctl.threadpool_limits(-1, user_api="l1l2_rs"),
+    ):
+        pass  # pragma: no cover - the limit itself raises
+    assert l1l2_rs.get_num_threads() == before
