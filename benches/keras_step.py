@@ -4,7 +4,8 @@
 
 One Dense layer holding 1e6 or 1e7 kernel parameters, batch 32, SGD, Keras' default compile mode.
 Each backend runs in its own process (Keras picks its backend once per process); each variant is
-warmed up, then ``--steps`` calls of ``train_on_batch`` are timed one by one. Prints a Markdown
+warmed up, then ``--steps`` calls of ``train_on_batch`` are timed one by one, the three variants
+taking turns. Prints a Markdown
 table of the median and interquartile range per step. Timings on a shared machine are noisy.
 """
 
@@ -45,22 +46,21 @@ def child(flavour: str, steps: int) -> None:
             "keras L1L2": lambda: keras.regularizers.L1L2(1e-4, 1e-4),
             "l1l2_rs L1L2": lambda: l1l2_rs.L1L2(1e-4, 1e-4),
         }
+        models = {}
         for variant in VARIANTS:
-            model = keras.Sequential(
-                [
-                    keras.Input((inputs,)),
-                    keras.layers.Dense(units, kernel_regularizer=makers[variant]()),
-                ]
-            )
-            model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+            dense = keras.layers.Dense(units, kernel_regularizer=makers[variant]())
+            models[variant] = keras.Sequential([keras.Input((inputs,)), dense])
+            models[variant].compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
             for _ in range(3):
-                model.train_on_batch(x, y)
-            times = []
-            for _ in range(steps):
+                models[variant].train_on_batch(x, y)
+        times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+        for _ in range(steps):  # the variants take turns: the machine's load drifts alike
+            for variant, model in models.items():
                 start = time.perf_counter()
                 model.train_on_batch(x, y)
-                times.append(time.perf_counter() - start)
-            results[f"{size}/{variant}"] = times
+                times[variant].append(time.perf_counter() - start)
+        for variant in VARIANTS:
+            results[f"{size}/{variant}"] = times[variant]
     print(json.dumps(results))
 
 
