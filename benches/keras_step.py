@@ -5,8 +5,8 @@
 One Dense layer holding 1e6 or 1e7 kernel parameters, batch 32, SGD, Keras' default compile mode.
 Each backend runs in its own process (Keras picks its backend once per process); each variant is
 warmed up, then ``--steps`` calls of ``train_on_batch`` are timed one by one, the three variants
-taking turns. Prints a Markdown
-table of the median and interquartile range per step. Timings on a shared machine are noisy.
+taking turns. Prints a Markdown table of the median and interquartile range per step. Timings on a
+shared machine are noisy.
 """
 
 from __future__ import annotations
