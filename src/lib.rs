@@ -11,6 +11,7 @@ mod errors;
 mod functions;
 #[cfg(feature = "probe")]
 mod probe;
+mod xla_ffi;
 
 use numpy::PyArrayDescrMethods;
 use pyo3::prelude::*;
@@ -34,6 +35,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::simd_isa, m)?)?;
+    xla_ffi::register(m)?;
     #[cfg(feature = "probe")]
     m.add_function(wrap_pyfunction!(probe::_read_probe, m)?)?;
     m.add("NotReadable", m.py().get_type::<errors::NotReadable>())?;

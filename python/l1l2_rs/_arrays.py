@@ -84,6 +84,11 @@ def _readable(x: object) -> np.ndarray[Any, np.dtype[Any]]:
         and array.flags.aligned
         and not any(s % dtype.itemsize for s in array.strides)
     )
+    if not readable and 0 in array.strides and array.size:
+        # Convert one copy of a broadcast array and broadcast it again: materialising all of it
+        # could take terabytes, and the core sums the broadcast view in the time of one copy.
+        one_copy = array[tuple(slice(0, 1) if s == 0 else slice(None) for s in array.strides)]
+        return np.broadcast_to(_on_cache_line(one_copy, dtype.newbyteorder("=")), array.shape)
     if not readable or (array is not x and array.flags.owndata):
         array = _on_cache_line(array, dtype.newbyteorder("="))
     return array

@@ -19,6 +19,7 @@ __all__ = [
     "sums_many",
     "value_and_grad",
     "value_and_grad_many",
+    "xla_ffi_handlers",
 ]
 
 CHUNK_LEN: Final[int]
@@ -52,3 +53,6 @@ def prox_many_(xs: object, lr: float, l1: float | None, l2: float | None) -> Any
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_isa() -> str: ...
+def xla_ffi_handlers() -> tuple[dict[str, Any], tuple[int, int]]:
+    """The XLA FFI handlers by target name (PyCapsules for ``jax.ffi.register_ffi_target``,
+    platform "cpu") and the XLA FFI API version they were written against."""

@@ -29,6 +29,21 @@ impl Compensated {
         }
     }
 
+    /// `copies` times the sum: the product's rounding error is kept (a fused multiply-add), so
+    /// only the conversion of a count above 2^53 to f64 adds an error (2^-53 relative).
+    pub fn repeat(self, copies: u64) -> Self {
+        let k = copies as f64;
+        let hi = self.hi * k;
+        if !hi.is_finite() {
+            return Self { hi, lo: 0.0 };
+        }
+        let error = self.hi.mul_add(k, -hi);
+        Self {
+            hi,
+            lo: self.lo.mul_add(k, error),
+        }
+    }
+
     /// The sum rounded once. Once `hi` is infinite or NaN the error term is meaningless (inf - inf).
     #[inline]
     pub fn value(self) -> f64 {
@@ -71,6 +86,20 @@ impl U192 {
         self
     }
 
+    /// `copies` times the value; the caller guarantees the product fits 192 bits (it does for a
+    /// sum of at most 2^64 squares of 64-bit integers, however many of them are copies).
+    pub fn repeat(self, copies: u64) -> Self {
+        let k = u128::from(copies);
+        let low_part = (self.low as u64 as u128) * k; // bits 0..128
+        let mid_part = (self.low >> 64) * k; // bits 64..192
+        let high_part = u128::from(self.high) * k; // bits 128..
+        let (low, carry) = low_part.overflowing_add(mid_part << 64);
+        Self {
+            high: ((mid_part >> 64) + high_part + u128::from(carry)) as u64,
+            low,
+        }
+    }
+
     /// The value correctly rounded to f64 (round half to even).
     pub fn to_f64(self) -> f64 {
         if self.high == 0 {
@@ -89,6 +118,8 @@ impl U192 {
 /// The partial result of one piece of the input; merged in a fixed order.
 pub trait Partial: Copy + Default + Send + Sync {
     fn merge(self, other: Self) -> Self;
+    /// The partial of `copies` copies of the piece (for broadcast inputs).
+    fn repeat(self, copies: u64) -> Self;
     /// `(sum |x|, sum x^2)`, each rounded once to f64.
     fn finish(self) -> (f64, f64);
 }
@@ -106,6 +137,13 @@ impl Partial for FloatPartial {
         Self {
             abs: self.abs.merge(other.abs),
             squares: self.squares.merge(other.squares),
+        }
+    }
+
+    fn repeat(self, copies: u64) -> Self {
+        Self {
+            abs: self.abs.repeat(copies),
+            squares: self.squares.repeat(copies),
         }
     }
 
@@ -128,6 +166,14 @@ impl Partial for ExactPartial {
         Self {
             abs: self.abs + other.abs,
             squares: self.squares.merge(other.squares),
+        }
+    }
+
+    /// Exact: a tensor has at most 2^64 elements, copies included, so the totals still fit.
+    fn repeat(self, copies: u64) -> Self {
+        Self {
+            abs: self.abs * u128::from(copies),
+            squares: self.squares.repeat(copies),
         }
     }
 
@@ -173,6 +219,14 @@ impl Partial for AnyPartial {
         }
     }
 
+    fn repeat(self, copies: u64) -> Self {
+        match self {
+            Self::Empty => Self::Empty,
+            Self::Float(partial) => Self::Float(partial.repeat(copies)),
+            Self::Exact(partial) => Self::Exact(partial.repeat(copies)),
+        }
+    }
+
     fn finish(self) -> (f64, f64) {
         match self {
             Self::Empty => (0.0, 0.0),
@@ -185,6 +239,7 @@ impl Partial for AnyPartial {
 /// The "partial" of an op that only writes (the prox step).
 impl Partial for () {
     fn merge(self, _other: Self) -> Self {}
+    fn repeat(self, _copies: u64) -> Self {}
     fn finish(self) -> (f64, f64) {
         (0.0, 0.0)
     }
@@ -214,6 +269,23 @@ mod tests {
         assert_eq!(acc.value(), f64::INFINITY);
         acc.add(f64::NAN);
         assert!(acc.value().is_nan());
+    }
+
+    #[test]
+    fn repeats_are_exact_products() {
+        let mut x = U192::default();
+        x.add(u128::MAX);
+        x.add(12345);
+        // (2^128 + 12344) * (2^64 - 1), worked out by hand in 64-bit limbs.
+        let y = x.repeat(u64::MAX);
+        assert_eq!(y.high, u64::MAX);
+        assert_eq!(y.low, 12344u128 * u128::from(u64::MAX));
+        let mut c = Compensated::default();
+        c.add(0.1);
+        let tripled = c.repeat(3);
+        // 3 * 0.1 (the double) is exactly a tie between two doubles: rounded to even, as `*` does.
+        assert_eq!(tripled.value(), 0.1f64 * 3.0);
+        assert_eq!(Compensated::default().repeat(7).value(), 0.0);
     }
 
     #[test]

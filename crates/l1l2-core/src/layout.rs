@@ -322,6 +322,50 @@ impl Layout {
         }
     }
 
+    /// Whether some dimension is broadcast (has stride 0 and more than one element).
+    pub(crate) fn is_broadcast(&self) -> bool {
+        self.len > 1 && (self.row_stride == 0 || self.outer.iter().any(|dim| dim.stride == 0))
+    }
+
+    /// For a layout with broadcast (zero-stride) dimensions: how many times it repeats one copy,
+    /// and the layout of that copy (the same elements in the same order, broadcast dimensions left
+    /// out). `None` when nothing is broadcast. A reduction over the copy, repeated, costs the
+    /// copy's length rather than the view's: `np.broadcast_to(x, (10**12,))` takes no longer
+    /// than `x`.
+    pub(crate) fn broadcast_copies(&self) -> Option<(u64, Layout)> {
+        if self.len == 0 {
+            return None;
+        }
+        let mut copies: u64 = 1;
+        let mut outer: Dims<Dim> = Dims::new();
+        for dim in self.outer.iter() {
+            if dim.stride == 0 {
+                copies *= dim.len as u64;
+            } else {
+                outer.push(*dim);
+            }
+        }
+        let (row_len, row_stride) = if self.row_stride == 0 {
+            copies *= self.row_len as u64;
+            // The innermost remaining dimension becomes the row (or a single element).
+            outer.pop().map_or((1, 1), |dim| (dim.len, dim.stride))
+        } else {
+            (self.row_len, self.row_stride)
+        };
+        (copies > 1).then(|| {
+            let copy = Layout {
+                offset: self.offset,
+                outer,
+                row_len,
+                row_stride,
+                dest_offset: 0,
+                row_dest: 0,
+                len: self.len / copies as usize,
+            };
+            (copies, copy)
+        })
+    }
+
     /// The stride of the destination along rows.
     pub(crate) fn row_dest(&self) -> isize {
         self.row_dest
@@ -476,6 +520,27 @@ mod tests {
         });
         assert_eq!(pairs[0], (0, 9));
         assert_eq!(pairs[9], (9, 0));
+    }
+
+    #[test]
+    fn broadcast_dimensions_become_copies() {
+        // A (3, 4, 5) view of a (4,) row repeated over the first and last axes.
+        let layout = Layout::new(4, 0, &[3, 4, 5], &[0, 1, 0]).unwrap();
+        let (copies, copy) = layout.broadcast_copies().unwrap();
+        assert_eq!(copies, 15);
+        assert_eq!(visited(&copy, 0..copy.len()), vec![0, 1, 2, 3]);
+        // Everything broadcast: one element.
+        let scalar = Layout::new(1, 0, &[7, 9], &[0, 0]).unwrap();
+        let (copies, copy) = scalar.broadcast_copies().unwrap();
+        assert_eq!((copies, visited(&copy, 0..copy.len())), (63, vec![0]));
+        // A broadcast row over strided rows.
+        let rows = Layout::new(20, 0, &[2, 6], &[10, 0]).unwrap();
+        let (copies, copy) = rows.broadcast_copies().unwrap();
+        assert_eq!((copies, visited(&copy, 0..copy.len())), (6, vec![0, 10]));
+        assert!(Layout::new(8, 0, &[2, 4], &[4, 1])
+            .unwrap()
+            .broadcast_copies()
+            .is_none());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! written from inside the reduction kernel, block by block while the block is in L1: the input is
 //! read from memory once, and the penalty has exactly the bits of the reduction alone.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::accumulate::{AnyPartial, Partial};
@@ -91,24 +92,70 @@ pub enum Update {
     },
 }
 
+/// What a reduction of `x` walks: one copy of a broadcast input, repeated, or all of it.
+struct Walk<'l> {
+    layout: Cow<'l, Layout>,
+    copies: u64,
+}
+
+impl<'l> Walk<'l> {
+    fn of(x: &'l ArrayView<'_>) -> Self {
+        match x.layout().broadcast_copies() {
+            Some((copies, copy)) => Self {
+                layout: Cow::Owned(copy),
+                copies,
+            },
+            None => Self {
+                layout: Cow::Borrowed(x.layout()),
+                copies: 1,
+            },
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.layout.len()
+    }
+
+    fn finish(&self, partial: AnyPartial) -> Sums {
+        finish(if self.copies > 1 {
+            partial.repeat(self.copies)
+        } else {
+            partial
+        })
+    }
+}
+
 /// `sum |x|` and `sum x^2` of one tensor (small ones with no allocation and no pool).
 pub(crate) fn sums_of(x: &ArrayView<'_>) -> Sums {
-    finish(parallel::reduce(x.len(), x.dtype().itemsize(), &|range| {
-        with_element!(x.dtype(), |T| reduce_piece::<T>(x, x.layout(), range))
-    }))
+    let walk = Walk::of(x);
+    walk.finish(parallel::reduce(
+        walk.len(),
+        x.dtype().itemsize(),
+        &|range| with_element!(x.dtype(), |T| reduce_piece::<T>(x, &walk.layout, range)),
+    ))
 }
 
 /// `sum |x|` and `sum x^2` of each tensor, in one parallel region; each has the bits of
 /// [`ArrayView::sums`] of that tensor alone.
 pub fn sums_many(xs: &[ArrayView<'_>]) -> Vec<Sums> {
-    let lens: Vec<usize> = xs.iter().map(ArrayView::len).collect();
-    let bytes = xs.iter().map(|x| x.len() * x.dtype().itemsize()).sum();
+    let walks: Vec<Walk<'_>> = xs.iter().map(Walk::of).collect();
+    let lens: Vec<usize> = walks.iter().map(Walk::len).collect();
+    let bytes = xs
+        .iter()
+        .zip(&lens)
+        .map(|(x, len)| len * x.dtype().itemsize())
+        .sum();
     parallel::reduce_many(&lens, bytes, &|index, range| {
         let x = &xs[index];
-        with_element!(x.dtype(), |T| reduce_piece::<T>(x, x.layout(), range))
+        with_element!(x.dtype(), |T| reduce_piece::<T>(
+            x,
+            &walks[index].layout,
+            range
+        ))
     })
     .into_iter()
-    .map(finish)
+    .zip(&walks)
+    .map(|(partial, walk)| walk.finish(partial))
     .collect()
 }
 
@@ -248,7 +295,17 @@ fn value_and_grad_all(
     Ok(partials
         .into_iter()
         .zip(xs)
-        .map(|(partial, x)| x.dtype().round_result(factors.penalty(&finish(partial))))
+        .zip(&plans)
+        .map(|((partial, x), plan)| {
+            // A broadcast input's penalty comes from one copy, repeated (see `Walk`): the bits
+            // of `penalty(x)`, which the gradient's own walk would not give.
+            let sums = if plan.reduce {
+                finish(partial)
+            } else {
+                sums_of(x)
+            };
+            x.dtype().round_result(factors.penalty(&sums))
+        })
         .collect())
 }
 
@@ -258,6 +315,8 @@ fn value_and_grad_all(
 struct Plan {
     paired: Layout,
     fused: bool,
+    /// Whether the gradient's walk also sums `x` (not for a broadcast `x`, summed apart).
+    reduce: bool,
 }
 
 fn plan(x: &ArrayView<'_>, g: &ArrayViewMut<'_>) -> Result<Plan, Error> {
@@ -284,6 +343,7 @@ fn plan(x: &ArrayView<'_>, g: &ArrayViewMut<'_>) -> Result<Plan, Error> {
         return Ok(Plan {
             paired,
             fused: true,
+            reduce: true,
         });
     }
     let paired = Layout::paired(
@@ -294,8 +354,13 @@ fn plan(x: &ArrayView<'_>, g: &ArrayViewMut<'_>) -> Result<Plan, Error> {
         g.offset(),
         g.strides(),
     )?;
-    let fused = paired.same_walk(x.layout());
-    Ok(Plan { paired, fused })
+    let reduce = !x.layout().is_broadcast();
+    let fused = reduce && paired.same_walk(x.layout());
+    Ok(Plan {
+        paired,
+        fused,
+        reduce,
+    })
 }
 
 fn check_float(dtype: DType) -> Result<(), Error> {
@@ -385,7 +450,11 @@ fn grad_piece<T: Float + Reduce>(
     if plan.fused {
         return plan.paired.reduce_range(span, range, &writer).into();
     }
-    let partial = x.layout().reduce_range(span, range.clone(), &NoWrite);
+    let partial = if plan.reduce {
+        x.layout().reduce_range(span, range.clone(), &NoWrite)
+    } else {
+        T::Partial::default()
+    };
     let (stride, dest_stride) = (plan.paired.row_stride(), plan.paired.row_dest());
     plan.paired
         .for_each_row_piece(range, |first, count, dest_first| {
