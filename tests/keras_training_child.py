@@ -62,12 +62,13 @@ def weights(model: Any) -> list[list[float]]:
 
 
 def dense(kernel: Any, bias: Any, activity: Any, units: int = 3) -> Any:
+    """No weight starts at exactly 0, where JAX's abs (Keras' own L1 there) has gradient 1."""
     return keras.layers.Dense(
         units,
         kernel_initializer=keras.initializers.Constant(
             np.linspace(-0.6, 0.7, 5 * units).reshape(5, units)
         ),
-        bias_initializer=keras.initializers.Constant(np.linspace(0.5, -0.5, units)),
+        bias_initializer=keras.initializers.Constant(np.linspace(0.45, -0.55, units)),
         kernel_regularizer=kernel,
         bias_regularizer=bias,
         activity_regularizer=activity,
@@ -167,6 +168,35 @@ def variable_values() -> dict[str, Any]:
     return out
 
 
+def gradients_at_zero() -> dict[str, list[float]]:
+    """The gradient of L1(0.1), ours and Keras' own, at [0, -2, 3] as Keras' trainers take it."""
+    start = np.array([0.0, -2.0, 3.0], dtype="float32")
+    out: dict[str, list[float]] = {}
+    for name, regularizer in (("ours", l1l2_rs.L1(0.1)), ("theirs", keras.regularizers.L1(0.1))):
+        if BACKEND == "jax":
+            import jax
+
+            with keras.StatelessScope():  # as in the JAX trainer's step
+                gradient = jax.grad(lambda w, r=regularizer: r(w))(start)
+        elif BACKEND == "torch":
+            variable = keras.Variable(start)
+            regularizer(variable).backward()
+            gradient = variable.value.grad
+        elif BACKEND == "numpy":
+            continue  # no gradients
+        else:
+            import tensorflow
+
+            variable = (
+                tensorflow.Variable(start) if FLAVOUR == "tf_keras" else keras.Variable(start)
+            )
+            with tensorflow.GradientTape() as tape:
+                value = regularizer(variable)
+            gradient = tape.gradient(value, variable)
+        out[name] = np.asarray(gradient, dtype=np.float64).tolist()
+    return out
+
+
 def mixed_precision_activity() -> dict[str, Any]:
     """float16 activations whose squares overflow float16: the activity penalty (and training)."""
     policy = "mixed_float16"
@@ -212,6 +242,7 @@ def main() -> None:
         "shared": shared_layer_losses(),
         "variables": variable_values(),
         "mixed precision": mixed_precision_activity(),
+        "gradients at zero": gradients_at_zero(),
     }
     print(json.dumps(report))
 

@@ -165,3 +165,13 @@ def test_float16_activity_penalty_does_not_overflow(backend: str) -> None:
     assert outcome["ours"] == pytest.approx(outcome["reference"], rel=2**-10)  # 1 float16 ulp
     if backend not in ("numpy", "tensorflow"):  # see the child: Keras 3 on TF cannot fit it
         assert outcome["trained finite"]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_gradient_of_the_l1_term_is_zero_at_zero(backend: str) -> None:
+    gradients = report(backend)["gradients at zero"]
+    expected = [0.0, -0.1, 0.1]  # l1 * sign(x) at [0, -2, 3]
+    assert gradients["ours"] == pytest.approx(expected, rel=EPS32)
+    # Keras' own agrees on torch and TF; JAX's abs has gradient 1 at 0.
+    theirs_at_zero = 0.1 if backend == "jax" else 0.0
+    assert gradients["theirs"] == pytest.approx([theirs_at_zero, -0.1, 0.1], rel=EPS32)

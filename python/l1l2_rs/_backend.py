@@ -26,7 +26,9 @@ Both formulas keep the native semantics: ``None`` factors leave a term out, a pr
 factor 0 still evaluates its sum (NaN shows), float16 and bfloat16 are summed in float32 so their
 squares do not overflow, the sums are combined with the exact double factors in float64 (where
 the backend has float64: JAX only with ``jax_enable_x64``), and the result is cast to ``x``'s
-float dtype (float64 for integer and bool input). The gradient of ``|x|`` at 0 is 0.
+float dtype (float64 for integer and bool input). The gradient of ``|x|`` at 0 is 0 on every
+backend, as in the native training ops (JAX's own ``abs`` has gradient 1 at 0, and so Keras' own
+``L1`` on the JAX backend).
 """
 
 from __future__ import annotations
@@ -186,7 +188,9 @@ def keras_penalty(x: Any, l1: float | None, l2: float | None) -> Any:
     values = x if dtype == compute_dtype else ops.cast(x, compute_dtype)
     total: Any = None
     if l1 is not None:
-        total = ops.cast(ops.sum(ops.abs(values)), wide) * l1
+        # x * sign(x) is |x| with gradient sign(x): 0 at 0 on every backend (jnp.abs has 1 there).
+        absolute = ops.multiply(values, ops.sign(values))
+        total = ops.cast(ops.sum(absolute), wide) * l1
     if l2 is not None:
         term = ops.cast(ops.sum(ops.square(values)), wide) * l2
         total = term if total is None else total + term
