@@ -63,10 +63,13 @@ def route(x: object) -> Route:
     """
     framework = _framework(x)
     if framework == "torch":
-        if _torch_concrete(x):
+        tracked = _torch_tracked(x)
+        if not tracked and _on_cpu(x):
             return None
         if _keras_running("torch"):
             return "keras"
+        if not tracked:
+            return None  # an accelerator's tensor: numpy's conversion says why it cannot read it
         raise TypeError(
             "l1l2_rs: got a torch tensor that requires grad. "
             + _NO_ADAPTER.format(framework="PyTorch", adapter="l1l2_rs.torch", detach="x.detach()")
@@ -102,7 +105,7 @@ def _keras_variable_route(variable: Any) -> Route:
 def route_inside_keras(x: object) -> bool:
     """Whether a torch tensor or JAX array a Keras variable holds needs the differentiable path."""
     if _framework(x) == "torch":
-        return not _torch_concrete(x)
+        return _torch_tracked(x) or not _on_cpu(x)
     return _is_jax_tracer(x)
 
 
@@ -122,12 +125,15 @@ def refusal(x: object) -> str:
     )
 
 
-def _torch_concrete(x: Any) -> bool:
-    """A CPU tensor with nothing to record: numpy can read it without losing a gradient."""
-    if getattr(x, "device", None) is not None and x.device.type != "cpu":
-        return False  # a meta tensor (Keras' shape inference) or an accelerator's
-    torch = sys.modules["torch"]
-    return not (getattr(x, "requires_grad", False) and torch.is_grad_enabled())
+def _torch_tracked(x: Any) -> bool:
+    """A tensor autograd records: it requires grad while grad mode is on."""
+    return bool(getattr(x, "requires_grad", False)) and sys.modules["torch"].is_grad_enabled()
+
+
+def _on_cpu(x: Any) -> bool:
+    """Not a meta tensor (Keras' shape inference on torch) nor an accelerator's."""
+    device = getattr(x, "device", None)
+    return device is None or device.type == "cpu"
 
 
 def _is_jax_tracer(x: object) -> bool:
@@ -188,15 +194,22 @@ def keras_penalty(x: Any, l1: float | None, l2: float | None) -> Any:
     values = x if dtype == compute_dtype else ops.cast(x, compute_dtype)
     total: Any = None
     if l1 is not None:
-        # x * sign(x) is |x| with gradient sign(x): 0 at 0 on every backend (jnp.abs has 1 there).
-        absolute = ops.multiply(values, ops.sign(values))
-        total = ops.cast(ops.sum(absolute), wide) * l1
+        total = ops.cast(ops.sum(_absolute(keras, values)), wide) * l1
     if l2 is not None:
         term = ops.cast(ops.sum(ops.square(values)), wide) * l2
         total = term if total is None else total + term
     if total is None:
         return ops.zeros((), dtype=result_dtype)
     return ops.cast(total, result_dtype)
+
+
+def _absolute(keras: Any, values: Any) -> Any:
+    """``|x|`` whose gradient is 0 at 0. torch's and TensorFlow's ``abs`` have that gradient;
+    JAX's has 1 at 0, so there ``x * sign(x)`` (XLA fuses it: no extra pass over ``x``)."""
+    ops = keras.ops
+    if keras.backend.backend() == "jax":
+        return ops.multiply(values, ops.sign(values))
+    return ops.abs(values)
 
 
 def _keras_has_float64(keras: Any) -> bool:
