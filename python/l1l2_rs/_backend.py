@@ -33,6 +33,7 @@ backend, as in the native training ops (JAX's own ``abs`` has gradient 1 at 0, a
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -205,11 +206,28 @@ def keras_penalty(x: Any, l1: float | None, l2: float | None) -> Any:
 
 def _absolute(keras: Any, values: Any) -> Any:
     """``|x|`` whose gradient is 0 at 0. torch's and TensorFlow's ``abs`` have that gradient;
-    JAX's has 1 at 0, so there ``x * sign(x)`` (XLA fuses it: no extra pass over ``x``)."""
-    ops = keras.ops
+    JAX's has 1 at 0, so on JAX ``abs`` gets the rule through a ``custom_jvp`` (as cheap as
+    ``abs``: ``x * sign(x)`` costs about 1.6x in a jitted value_and_grad at 1e7 elements)."""
     if keras.backend.backend() == "jax":
-        return ops.multiply(values, ops.sign(values))
-    return ops.abs(values)
+        return _jax_absolute()(keras.ops.convert_to_tensor(values))
+    return keras.ops.abs(values)
+
+
+@functools.cache
+def _jax_absolute() -> Any:
+    jax = sys.modules["jax"]
+    jnp = jax.numpy
+
+    def absolute(x: Any) -> Any:
+        return jnp.abs(x)
+
+    def absolute_jvp(primals: tuple[Any], tangents: tuple[Any]) -> tuple[Any, Any]:
+        (x,), (tangent,) = primals, tangents
+        return jnp.abs(x), jnp.sign(x) * tangent
+
+    differentiable: Any = jax.custom_jvp(absolute)
+    differentiable.defjvp(absolute_jvp)
+    return differentiable
 
 
 def _keras_has_float64(keras: Any) -> bool:
