@@ -6,6 +6,7 @@ use numpy::npyffi::{self, NPY_ORDER, PY_ARRAY_API};
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::type_object::PyTypeInfo;
 use pyo3::types::PyList;
 
 use crate::errors::{to_py, NotReadable, SINGLE};
@@ -42,12 +43,26 @@ fn data_pointer(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
     unsafe { (*array.as_array_ptr()).data.cast::<u8>() }
 }
 
+/// Whether `array` is a `numpy.ma.MaskedArray` (an ndarray subclass whose data the core would
+/// otherwise read unmasked). Plain arrays answer by one type comparison.
+fn is_masked(array: &Bound<'_, PyUntypedArray>) -> PyResult<bool> {
+    let py = array.py();
+    if array.get_type().is(PyUntypedArray::type_object(py)) {
+        return Ok(false);
+    }
+    array.hasattr("_mask")
+}
+
 /// `x` as a read view, or `NotReadable` when it is not a numpy array the core can read in place
 /// (the Python layer converts it and calls again).
 pub(crate) fn read_view<'a>(x: &'a Bound<'_, PyAny>) -> PyResult<ArrayView<'a>> {
     let array = x
         .cast::<PyUntypedArray>()
         .map_err(|_| NotReadable::new_err("not a numpy array"))?;
+    if is_masked(array)? {
+        // Its data hold values the mask hides: the Python layer fills them with zeros.
+        return Err(NotReadable::new_err("a masked array"));
+    }
     let descr = array.dtype();
     let dtype = dtype_of(&descr)?;
     if !addressable(array, &descr) {
@@ -87,6 +102,12 @@ pub(crate) fn write_view<'a>(x: &'a Bound<'_, PyAny>, name: Arg<'_>) -> PyResult
             x.get_type()
         ))
     })?;
+    if is_masked(array)? {
+        return Err(PyTypeError::new_err(format!(
+            "l1l2_rs: {name} is a masked array, which cannot be written in place (pass its .data \
+             to write through the mask, or np.ma.filled(...))"
+        )));
+    }
     let descr = array.dtype();
     let dtype = dtype_of(&descr)?;
     // SAFETY: as in `data_pointer`.

@@ -3,8 +3,9 @@
 
 use l1l2_core::{ArrayView, ArrayViewMut, Error, Factors, Update};
 use std::ffi::CString;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeWarning, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -23,7 +24,22 @@ fn detach_if_large<R: Send>(
     if len < DETACH_MIN_LEN {
         return Ok(work());
     }
-    let result = py.detach(work);
+    // Ctrl-C is checked every 50 ms or so while the GIL is released; the exception it raised
+    // (KeyboardInterrupt, or whatever the signal handler raised) replaces the result.
+    let raised: Arc<Mutex<Option<PyErr>>> = Arc::default();
+    let slot = Arc::clone(&raised);
+    let result = py.detach(move || {
+        let check = move || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(error) => {
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+                    true
+                }
+            })
+        };
+        l1l2_core::parallel::interruptible(check, work)
+    });
     if let Some(message) = l1l2_core::parallel::take_pool_error() {
         PyErr::warn(
             py,
@@ -32,7 +48,10 @@ fn detach_if_large<R: Send>(
             1,
         )?;
     }
-    Ok(result)
+    result.ok_or_else(|| {
+        let error = raised.lock().unwrap_or_else(PoisonError::into_inner).take();
+        error.unwrap_or_else(|| PyKeyboardInterrupt::new_err("l1l2_rs: interrupted"))
+    })
 }
 
 fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {

@@ -8,18 +8,24 @@
 //! attributes `l1` and `l2` (f64 scalars). It answers the metadata query XLA makes at
 //! registration (the API version it was written against, no traits), turns each buffer into a
 //! core view and runs the core. Every failure, and any panic, becomes an `XLA_FFI_Error` that JAX
-//! raises as a Python exception with the message.
+//! raises as a Python exception with the message: INVALID_ARGUMENT for what the call was given
+//! (operands, results, attributes, an XLA of another API version), INTERNAL for a malformed call
+//! frame or a view of XLA's buffers the core refuses. Every struct XLA passes is read through its
+//! raw pointer up to its `struct_size` before a reference to it is made, and null tables are
+//! refused unless they are empty.
 //!
 //! Batching: when the penalty result has rank `k > 0` (`vmap` with `vmap_method="expand_dims"`
 //! prepends the batch dimensions to every result, and to every operand: the batch's own for a
 //! batched operand, 1 for the others), the first `k` dimensions of every operand index the batch
 //! (a dimension of 1 stands for every index), and each batch element gets its own penalty. An
-//! operand that is not batched is read in place for every batch element, never copied.
+//! operand that is not batched along a batch dimension is read in place, never copied, and its
+//! sums and gradient are computed once for all the indices along it (the gradient is then copied
+//! into each batch element's result).
 
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::mem::{offset_of, size_of};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::ptr::{null_mut, NonNull};
+use std::ptr::{addr_of, addr_of_mut, null_mut, NonNull};
 
 use l1l2_core::{ArrayView, ArrayViewMut, DType, Factors, Sums, Update};
 use pyo3::prelude::*;
@@ -62,13 +68,19 @@ mod abi {
         pub minor_version: c_int,
     }
 
-    /// `XLA_FFI_Metadata` up to `traits` (its `STRUCT_SIZE`); the trailing `state_type_id`
-    /// is left as XLA initialised it (unknown: a stateless handler).
+    #[repr(C)]
+    pub struct TypeId {
+        pub type_id: i64,
+    }
+
+    /// `XLA_FFI_Metadata`; its `STRUCT_SIZE` ends at `traits`, so `state_type_id` is written
+    /// only when XLA's struct is large enough to hold it.
     #[repr(C)]
     pub struct Metadata {
         pub struct_size: usize,
         pub api_version: ApiVersion,
         pub traits: u32,
+        pub state_type_id: TypeId,
     }
 
     #[repr(C)]
@@ -173,12 +185,38 @@ const fn end_of(offset: usize, size: usize) -> usize {
 }
 const CALL_FRAME_SIZE: usize = size_of::<abi::CallFrame>();
 const CALL_FRAME_API_END: usize = end_of(offset_of!(abi::CallFrame, api), size_of::<usize>());
+const EXTENSION_BASE_SIZE: usize = size_of::<abi::ExtensionBase>();
+const API_VERSION_SIZE: usize = size_of::<abi::ApiVersion>();
 const METADATA_SIZE: usize = end_of(offset_of!(abi::Metadata, traits), size_of::<u32>());
+const METADATA_STATE_TYPE_ID_END: usize = size_of::<abi::Metadata>();
 const METADATA_EXTENSION_SIZE: usize = size_of::<abi::MetadataExtension>();
 const BUFFER_SIZE: usize = size_of::<abi::Buffer>();
 const ERROR_CREATE_ARGS_SIZE: usize =
     end_of(offset_of!(abi::ErrorCreateArgs, errc), size_of::<c_int>());
+const API_VERSION_END: usize = end_of(offset_of!(abi::Api, api_version), API_VERSION_SIZE);
 const API_ERROR_CREATE_END: usize = end_of(offset_of!(abi::Api, error_create), size_of::<usize>());
+
+/// `XLA_FFI_UNKNOWN_TYPE_ID`: the state type of a stateless handler.
+const UNKNOWN_TYPE_ID: i64 = 0;
+/// How many extensions of a call frame's chain are looked at for the metadata query (XLA
+/// passes one; the bound only keeps a corrupt, cyclic chain from hanging the call).
+const MAX_EXTENSIONS: usize = 64;
+
+// The layout of c_api.h's structs on the 64-bit targets jaxlib ships for (the transcription is
+// also compared with the installed header by tests/test_jax.py).
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(size_of::<abi::CallFrame>() == 168);
+    assert!(size_of::<abi::Buffer>() == 48);
+    assert!(size_of::<abi::MetadataExtension>() == 32);
+    assert!(EXTENSION_BASE_SIZE == 24);
+    assert!(API_VERSION_SIZE == 24);
+    assert!(METADATA_SIZE == 36);
+    assert!(METADATA_STATE_TYPE_ID_END == 48);
+    assert!(ERROR_CREATE_ARGS_SIZE == 28);
+    assert!(API_VERSION_END == 40);
+    assert!(API_ERROR_CREATE_END == 56);
+};
 
 /// What a handler computes.
 #[derive(Clone, Copy)]
@@ -189,7 +227,44 @@ enum Op {
     ValueAndGrad,
 }
 
-type Failure = String;
+/// Why a call was refused: the message, and the XLA error code JAX raises it with.
+#[derive(Debug)]
+struct Failure {
+    code: c_int,
+    message: String,
+}
+
+impl Failure {
+    /// What the call was given does not fit: an operand, result or attribute, or an XLA whose
+    /// FFI API does not match (as XLA's own handler helpers report it).
+    fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            code: abi::ERROR_INVALID_ARGUMENT,
+            message: message.into(),
+        }
+    }
+
+    /// Not the caller's doing: a malformed call frame, or a panic.
+    fn internal(message: impl Into<String>) -> Self {
+        Self {
+            code: abi::ERROR_INTERNAL,
+            message: message.into(),
+        }
+    }
+
+    /// A refusal of the core: an invalid argument when it is about a value the caller chose (a
+    /// factor, a dtype), internal when it is about a view the handler built from XLA's buffers
+    /// (size, alignment, bounds, overlap).
+    fn core(error: &l1l2_core::Error) -> Self {
+        let message = format!("l1l2_rs: {error}");
+        match error.root() {
+            l1l2_core::Error::InvalidArgument { .. } | l1l2_core::Error::NotFloat { .. } => {
+                Self::invalid(message)
+            }
+            _ => Self::internal(message),
+        }
+    }
+}
 
 /// Runs `op` on XLA's call frame (or answers its metadata query) and reports any failure, a
 /// panic included, as an `XLA_FFI_Error`.
@@ -198,47 +273,53 @@ type Failure = String;
 /// `frame` is the call frame XLA passes to a handler, valid for the duration of the call.
 unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
     // Returning no error without writing the results would hand XLA garbage as the answer, so
-    // a call that is not from XLA at all (no frame, or one too small to hold the API through
-    // which errors are reported) stops the process instead.
-    if frame.is_null() {
-        eprintln!("l1l2_rs: XLA FFI handler called without a call frame");
+    // a call that is not from XLA at all (no frame, a misaligned one, or one too small to hold
+    // the API through which errors are reported) stops the process instead.
+    if frame.is_null() || !frame.is_aligned() {
+        eprintln!("l1l2_rs: XLA FFI handler called without a usable call frame");
         std::process::abort();
     }
     // SAFETY: XLA passes a valid call frame that outlives the call (the caller's contract); its
-    // first field is the size XLA filled it to.
-    let size = unsafe { (*frame).struct_size };
+    // first field is the size XLA filled it to, read before anything after it.
+    let size = unsafe { addr_of!((*frame).struct_size).read() };
     if size < CALL_FRAME_API_END {
         eprintln!("l1l2_rs: XLA FFI call frame of {size} bytes");
         std::process::abort();
     }
     // SAFETY: as above; the frame holds at least the fields up to `api`.
-    let (api, extension) = unsafe { ((*frame).api, (*frame).extension_start) };
+    let (api, extension) = unsafe {
+        (
+            addr_of!((*frame).api).read(),
+            addr_of!((*frame).extension_start).read(),
+        )
+    };
+    // SAFETY: the extension chain of XLA's call frame.
+    let query = unsafe { metadata_query(extension) };
+    // A chain that cannot be walked counts as an execution: if its failure cannot be reported
+    // either, the process stops rather than XLA reading unwritten results.
+    let is_metadata_query = matches!(query, Ok(Some(_)));
     let outcome = if size < CALL_FRAME_SIZE {
-        Err((
-            abi::ERROR_INVALID_ARGUMENT,
-            format!(
-                "l1l2_rs: XLA FFI call frame of {size} bytes, expected at least \
-                 {CALL_FRAME_SIZE}: jaxlib is older than the XLA FFI API {API_MAJOR}.{API_MINOR}"
-            ),
-        ))
+        Err(Failure::invalid(format!(
+            "l1l2_rs: XLA FFI call frame of {size} bytes, expected at least \
+             {CALL_FRAME_SIZE}: jaxlib is older than the XLA FFI API {API_MAJOR}.{API_MINOR}"
+        )))
     } else {
         // SAFETY: the frame is valid and filled to at least our size (checked above).
         let frame = unsafe { &*frame };
-        // SAFETY: as above.
-        match catch_unwind(AssertUnwindSafe(|| unsafe { run(frame, op) })) {
-            Ok(result) => result.map_err(|message| (abi::ERROR_INVALID_ARGUMENT, message)),
-            Err(_) => Err((
-                abi::ERROR_INTERNAL,
-                "l1l2_rs: internal error (a panic) in the XLA FFI handler".to_owned(),
+        // SAFETY: as above; `query` comes from this frame's extension chain.
+        match catch_unwind(AssertUnwindSafe(|| unsafe { run(frame, query, op) })) {
+            Ok(result) => result,
+            Err(_) => Err(Failure::internal(
+                "l1l2_rs: internal error (a panic) in the XLA FFI handler",
             )),
         }
     };
-    let Err((code, message)) = outcome else {
+    let Err(Failure { code, message }) = outcome else {
         return null_mut();
     };
     // SAFETY: `api` comes from the frame XLA passed.
     let error = unsafe { create_error(api, code, &message) };
-    if error.is_null() && extension.is_null() {
+    if error.is_null() && !is_metadata_query {
         // An execution whose failure cannot be reported must not pass for a success (a failed
         // metadata query leaves the version unset, which XLA refuses on its own).
         eprintln!("{message}");
@@ -247,19 +328,58 @@ unsafe fn handle(frame: *mut abi::CallFrame, op: Op) -> *mut abi::Error {
     error
 }
 
+/// Answers the metadata query or executes `op`, as the frame's extension chain says.
+///
 /// # Safety
-/// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes.
-unsafe fn run(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
-    if !frame.extension_start.is_null() {
-        // SAFETY: a non-null extension chain starts with an `ExtensionBase` (c_api.h).
-        let extension = unsafe { &*frame.extension_start };
-        if extension.type_ == abi::EXTENSION_METADATA {
-            // SAFETY: an extension of type Metadata is an `XLA_FFI_Metadata_Extension`.
-            return unsafe { report_metadata(frame.extension_start.cast()) };
-        }
+/// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes, and `query` was found in
+/// its extension chain by [`metadata_query`].
+unsafe fn run(
+    frame: &abi::CallFrame,
+    query: Result<Option<*mut abi::MetadataExtension>, Failure>,
+    op: Op,
+) -> Result<(), Failure> {
+    match query? {
+        // SAFETY: the metadata extension XLA put in the frame (the caller's contract).
+        Some(extension) => unsafe { report_metadata(extension) },
+        // SAFETY: the caller's contract.
+        None => unsafe { execute(frame, op) },
     }
-    // SAFETY: the caller's contract.
-    unsafe { execute(frame, op) }
+}
+
+/// The metadata extension in the chain starting at `extension`, if there is one: XLA asks for
+/// the handler's metadata with a call frame that carries it (c_api.h).
+///
+/// # Safety
+/// `extension` is null or the start of a call frame's extension chain, each node an
+/// `XLA_FFI_Extension_Base` (followed by its type's fields) valid for the call.
+unsafe fn metadata_query(
+    mut extension: *mut abi::ExtensionBase,
+) -> Result<Option<*mut abi::MetadataExtension>, Failure> {
+    for _ in 0..MAX_EXTENSIONS {
+        if extension.is_null() {
+            return Ok(None);
+        }
+        if !extension.is_aligned() {
+            return Err(Failure::internal("l1l2_rs: misaligned XLA FFI extension"));
+        }
+        // SAFETY: a node of the chain starts with its size (the caller's contract), read before
+        // the fields after it.
+        let size = unsafe { addr_of!((*extension).struct_size).read() };
+        if size < EXTENSION_BASE_SIZE {
+            return Err(Failure::internal(format!(
+                "l1l2_rs: XLA FFI extension of {size} bytes"
+            )));
+        }
+        // SAFETY: the node holds a whole `XLA_FFI_Extension_Base` (checked above).
+        let base = unsafe { &*extension };
+        if base.type_ == abi::EXTENSION_METADATA {
+            return Ok(Some(extension.cast()));
+        }
+        extension = base.next;
+    }
+    Err(Failure::internal(format!(
+        "l1l2_rs: more than {MAX_EXTENSIONS} XLA FFI extensions in the call frame"
+    )))
 }
 
 /// An `XLA_FFI_Error` carrying `message`, or null when XLA gave no API to create one with.
@@ -267,14 +387,18 @@ unsafe fn run(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
 /// # Safety
 /// `api` is null or the `XLA_FFI_Api` of a valid call frame.
 unsafe fn create_error(api: *const abi::Api, code: c_int, message: &str) -> *mut abi::Error {
-    // SAFETY: `api` is null or valid (the caller's contract).
-    let Some(api) = (unsafe { api.as_ref() }) else {
-        return null_mut();
-    };
-    if api.struct_size < API_ERROR_CREATE_END {
+    if api.is_null() || !api.is_aligned() {
         return null_mut();
     }
-    let Some(error_create) = api.error_create else {
+    // SAFETY: `api` is XLA's API struct (the caller's contract), whose first field is its size;
+    // `error_create` is read only when the struct holds it.
+    let error_create = unsafe {
+        if addr_of!((*api).struct_size).read() < API_ERROR_CREATE_END {
+            return null_mut();
+        }
+        addr_of!((*api).error_create).read()
+    };
+    let Some(error_create) = error_create else {
         return null_mut();
     };
     let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
@@ -289,29 +413,50 @@ unsafe fn create_error(api: *const abi::Api, code: c_int, message: &str) -> *mut
     unsafe { error_create(&mut args) }
 }
 
-/// Answers XLA's registration-time query: the API version and traits of this handler.
+/// Answers XLA's registration-time query: the API version and traits of this handler, and no
+/// state type (it is stateless).
 ///
 /// # Safety
-/// `extension` is the metadata extension XLA put in the call frame.
+/// `extension` is the metadata extension XLA put in the call frame, valid for the call.
 unsafe fn report_metadata(extension: *mut abi::MetadataExtension) -> Result<(), Failure> {
-    // SAFETY: the caller's contract; its size is checked before the `metadata` field is read.
-    let extension = unsafe { &mut *extension };
-    if extension.extension_base.struct_size < METADATA_EXTENSION_SIZE {
-        return Err("l1l2_rs: XLA FFI metadata extension too small".into());
-    }
-    // SAFETY: XLA points `metadata` at its own `XLA_FFI_Metadata`, checked for size before use.
-    let metadata = unsafe { extension.metadata.as_mut() }
-        .ok_or_else(|| Failure::from("l1l2_rs: XLA FFI metadata query without a struct"))?;
-    if metadata.struct_size < METADATA_SIZE {
-        return Err("l1l2_rs: XLA FFI metadata struct too small".into());
-    }
-    metadata.api_version = abi::ApiVersion {
-        struct_size: size_of::<abi::ApiVersion>(),
-        extension_start: null_mut(),
-        major_version: API_MAJOR,
-        minor_version: API_MINOR,
+    // SAFETY: the caller's contract: the extension starts with an `XLA_FFI_Extension_Base`
+    // whose size (checked by `metadata_query` to cover the base) is read before `metadata`.
+    let metadata = unsafe {
+        if addr_of!((*extension).extension_base.struct_size).read() < METADATA_EXTENSION_SIZE {
+            return Err(Failure::invalid(
+                "l1l2_rs: XLA FFI metadata extension too small",
+            ));
+        }
+        addr_of!((*extension).metadata).read()
     };
-    metadata.traits = 0;
+    if metadata.is_null() || !metadata.is_aligned() {
+        return Err(Failure::internal(
+            "l1l2_rs: XLA FFI metadata query without a usable struct",
+        ));
+    }
+    // SAFETY: XLA points `metadata` at its own `XLA_FFI_Metadata`, ours to fill for the call.
+    // Its size is read first, and each field is written through a raw pointer only when the
+    // struct holds it (a reference to the whole struct could outrun a smaller one).
+    unsafe {
+        let size = addr_of!((*metadata).struct_size).read();
+        if size < METADATA_SIZE {
+            return Err(Failure::invalid(
+                "l1l2_rs: XLA FFI metadata struct too small",
+            ));
+        }
+        addr_of_mut!((*metadata).api_version).write(abi::ApiVersion {
+            struct_size: API_VERSION_SIZE,
+            extension_start: null_mut(),
+            major_version: API_MAJOR,
+            minor_version: API_MINOR,
+        });
+        addr_of_mut!((*metadata).traits).write(0);
+        if size >= METADATA_STATE_TYPE_ID_END {
+            addr_of_mut!((*metadata).state_type_id).write(abi::TypeId {
+                type_id: UNKNOWN_TYPE_ID,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -322,8 +467,33 @@ struct Buffer {
     dims: Vec<usize>,
 }
 
+/// A count from a call-frame table; a negative one is a malformed frame.
+fn table_len(size: i64, what: &str) -> Result<usize, Failure> {
+    usize::try_from(size)
+        .map_err(|_| Failure::internal(format!("l1l2_rs: XLA FFI call frame with {size} {what}")))
+}
+
+/// The `len` entries of a table of the call frame: empty when `len` is 0, whatever the pointer
+/// (XLA may pass null then), and a failure when the pointer is null or misaligned otherwise.
+///
 /// # Safety
-/// `entries` and `types` point at `size` entries each (the call frame's arrays), and each entry
+/// When `len > 0` and `table` is non-null and aligned, it points at `len` initialised entries
+/// valid (and not written) for `'a`.
+unsafe fn table<'a, T>(table: *const T, len: usize, what: &str) -> Result<&'a [T], Failure> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if table.is_null() || !table.is_aligned() {
+        return Err(Failure::internal(format!(
+            "l1l2_rs: XLA FFI call frame with {len} {what} but a null or misaligned table"
+        )));
+    }
+    // SAFETY: the caller's contract, for a non-null aligned pointer and `len > 0`.
+    Ok(unsafe { std::slice::from_raw_parts(table, len) })
+}
+
+/// # Safety
+/// `types` and `entries` are the call frame's tables of `size` entries each, and each entry
 /// of type buffer points at an `XLA_FFI_Buffer` valid for the call.
 unsafe fn buffers(
     size: i64,
@@ -332,49 +502,66 @@ unsafe fn buffers(
     buffer_type: c_int,
     what: &str,
 ) -> Result<Vec<Buffer>, Failure> {
-    let count = usize::try_from(size).map_err(|_| format!("l1l2_rs: {size} {what}s"))?;
-    if count == 0 {
-        return Ok(Vec::new());
-    }
+    let count = table_len(size, &format!("{what}s"))?;
     // SAFETY: the caller's contract: `count` types and entries.
     let (types, entries) = unsafe {
         (
-            std::slice::from_raw_parts(types, count),
-            std::slice::from_raw_parts(entries, count),
+            table(types, count, &format!("{what} types"))?,
+            table(entries, count, &format!("{what}s"))?,
         )
     };
     let mut decoded = Vec::with_capacity(count);
     for (index, (&kind, &entry)) in types.iter().zip(entries).enumerate() {
-        if kind != buffer_type || entry.is_null() {
-            return Err(format!("l1l2_rs: {what} {index} is not an array buffer"));
+        if kind != buffer_type {
+            return Err(Failure::invalid(format!(
+                "l1l2_rs: {what} {index} is not an array buffer"
+            )));
         }
-        // SAFETY: an entry of buffer type is an `XLA_FFI_Buffer` (the caller's contract); its
-        // size is checked before the fields after it are read.
-        let buffer = unsafe { &*entry.cast::<abi::Buffer>() };
-        if buffer.struct_size < BUFFER_SIZE {
-            return Err(format!(
-                "l1l2_rs: {what} {index}: XLA FFI buffer struct too small"
-            ));
-        }
-        let rank = usize::try_from(buffer.rank)
-            .map_err(|_| format!("l1l2_rs: {what} {index} has rank {}", buffer.rank))?;
-        let dims = if rank == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: `dims` holds `rank` entries (c_api.h: "length == rank").
-            unsafe { std::slice::from_raw_parts(buffer.dims, rank) }
-                .iter()
-                .map(|&dim| usize::try_from(dim))
-                .collect::<Result<_, _>>()
-                .map_err(|_| format!("l1l2_rs: {what} {index} has a negative dimension"))?
-        };
-        decoded.push(Buffer {
-            dtype: buffer.dtype,
-            data: buffer.data.cast(),
-            dims,
-        });
+        // SAFETY: an entry of buffer type is an `XLA_FFI_Buffer` (the caller's contract).
+        decoded.push(unsafe { buffer(entry.cast(), index, what) }?);
     }
     Ok(decoded)
+}
+
+/// One `XLA_FFI_Buffer`, decoded.
+///
+/// # Safety
+/// `entry` is null or points at an `XLA_FFI_Buffer` (of the size its first field says) valid
+/// for the call, whose `dims` hold `rank` entries.
+unsafe fn buffer(entry: *const abi::Buffer, index: usize, what: &str) -> Result<Buffer, Failure> {
+    let malformed = |problem: &str| {
+        Failure::internal(format!("l1l2_rs: {what} {index}: XLA FFI buffer {problem}"))
+    };
+    if entry.is_null() || !entry.is_aligned() {
+        return Err(malformed("is null or misaligned"));
+    }
+    // SAFETY: the caller's contract; the size is read on its own, before a reference to the
+    // whole struct is made.
+    if unsafe { addr_of!((*entry).struct_size).read() } < BUFFER_SIZE {
+        return Err(malformed("struct too small"));
+    }
+    // SAFETY: the struct holds every field of `abi::Buffer` (checked above).
+    let buffer = unsafe { &*entry };
+    let rank = usize::try_from(buffer.rank).map_err(|_| malformed("of negative rank"))?;
+    // SAFETY: `dims` holds `rank` entries (c_api.h: "length == rank"); null is refused.
+    let dims = unsafe { table(buffer.dims, rank, "dims") }
+        .map_err(|_| malformed("with null or misaligned dims"))?
+        .iter()
+        .map(|&dim| usize::try_from(dim))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| malformed("with a negative dimension"))?;
+    let elements = dims
+        .iter()
+        .try_fold(1usize, |acc, &dim| acc.checked_mul(dim))
+        .ok_or_else(|| malformed("with more elements than fit in memory"))?;
+    if elements > 0 && buffer.data.is_null() {
+        return Err(malformed("without data"));
+    }
+    Ok(Buffer {
+        dtype: buffer.dtype,
+        data: buffer.data.cast(),
+        dims,
+    })
 }
 
 fn float_dtype(code: c_int) -> Option<DType> {
@@ -393,45 +580,101 @@ fn float_dtype(code: c_int) -> Option<DType> {
 /// # Safety
 /// `attrs` is the attribute table of a valid call frame.
 unsafe fn factors(attrs: &abi::Attrs) -> Result<Factors, Failure> {
-    let count = usize::try_from(attrs.size).unwrap_or(0);
+    let count = table_len(attrs.size, "attributes")?;
+    // SAFETY: the table holds `size` types, names and values (c_api.h).
+    let (types, names, values) = unsafe {
+        (
+            table(attrs.types, count, "attribute types")?,
+            table(attrs.names, count, "attribute names")?,
+            table(attrs.attrs, count, "attributes")?,
+        )
+    };
     let (mut l1, mut l2) = (None, None);
-    for index in 0..count {
-        // SAFETY: the table holds `size` types, names and values (c_api.h); a name is a byte span.
-        let (kind, name, value) = unsafe {
-            let span = &**attrs.names.add(index);
-            let name = std::slice::from_raw_parts(span.ptr.cast::<u8>(), span.len);
-            (*attrs.types.add(index), name, *attrs.attrs.add(index))
-        };
+    for ((&kind, &name), &value) in types.iter().zip(names).zip(values) {
+        // SAFETY: an attribute's name is a byte span valid for the call (c_api.h).
+        let name = unsafe { attribute_name(name) }?;
         let name = String::from_utf8_lossy(name);
         let slot = match name.as_ref() {
             "l1" => &mut l1,
             "l2" => &mut l2,
             other => {
-                return Err(format!(
+                return Err(Failure::invalid(format!(
                     "l1l2_rs: unexpected attribute {other:?} (takes l1, l2)"
-                ))
+                )))
             }
         };
         if kind != abi::ATTR_SCALAR {
-            return Err(format!("l1l2_rs: attribute {name} must be a float scalar"));
+            return Err(Failure::invalid(format!(
+                "l1l2_rs: attribute {name} must be a float scalar"
+            )));
         }
-        // SAFETY: a scalar attribute is an `XLA_FFI_Scalar` whose value has its dtype.
-        let number = unsafe {
-            let scalar = &*value.cast::<abi::Scalar>();
-            match scalar.dtype {
-                abi::DTYPE_F64 => Some(*scalar.value.cast::<f64>()),
-                abi::DTYPE_F32 => Some(f64::from(*scalar.value.cast::<f32>())),
-                _ => None,
-            }
-        };
+        // SAFETY: a scalar attribute is an `XLA_FFI_Scalar` valid for the call (c_api.h).
+        let number = unsafe { scalar(value.cast()) }?;
         *slot = Some(number.ok_or_else(|| {
-            format!("l1l2_rs: attribute {name} must be a float64 or float32 scalar")
+            Failure::invalid(format!(
+                "l1l2_rs: attribute {name} must be a float64 or float32 scalar"
+            ))
         })?);
     }
     let (Some(l1), Some(l2)) = (l1, l2) else {
-        return Err("l1l2_rs: the attributes l1 and l2 are required".into());
+        return Err(Failure::invalid(
+            "l1l2_rs: the attributes l1 and l2 are required",
+        ));
     };
-    Factors::l1l2(l1, l2).map_err(|error| format!("l1l2_rs: {error}"))
+    Factors::l1l2(l1, l2).map_err(|error| Failure::core(&error))
+}
+
+/// The bytes of an attribute's name.
+///
+/// # Safety
+/// `span` is null or points at an `XLA_FFI_ByteSpan` whose `ptr` holds `len` bytes, both
+/// valid for `'a`.
+unsafe fn attribute_name<'a>(span: *const abi::ByteSpan) -> Result<&'a [u8], Failure> {
+    if span.is_null() || !span.is_aligned() {
+        return Err(Failure::internal(
+            "l1l2_rs: XLA FFI attribute without a name",
+        ));
+    }
+    // SAFETY: the caller's contract; the span's bytes go through `table`, which refuses a null
+    // pointer with a non-zero length.
+    unsafe {
+        let span = &*span;
+        table(
+            span.ptr.cast::<u8>(),
+            span.len,
+            "bytes of an attribute name",
+        )
+    }
+}
+
+/// The value of a scalar attribute as f64: `Some` for a float64 or float32 scalar, `None` for
+/// another dtype.
+///
+/// # Safety
+/// `scalar` is null or points at an `XLA_FFI_Scalar` whose `value` holds one element of its
+/// dtype, both valid for the call.
+unsafe fn scalar(scalar: *const abi::Scalar) -> Result<Option<f64>, Failure> {
+    if scalar.is_null() || !scalar.is_aligned() {
+        return Err(Failure::internal(
+            "l1l2_rs: XLA FFI scalar attribute is null",
+        ));
+    }
+    // SAFETY: the caller's contract.
+    let abi::Scalar { dtype, value } = unsafe { scalar.read() };
+    if value.is_null() {
+        return Err(Failure::internal(
+            "l1l2_rs: XLA FFI scalar attribute without a value",
+        ));
+    }
+    // SAFETY: `value` holds one element of `dtype` (the caller's contract); XLA promises no
+    // alignment for it, so it is read unaligned.
+    Ok(unsafe {
+        match dtype {
+            abi::DTYPE_F64 => Some(value.cast::<f64>().read_unaligned()),
+            abi::DTYPE_F32 => Some(f64::from(value.cast::<f32>().read_unaligned())),
+            _ => None,
+        }
+    })
 }
 
 /// Refuses an XLA whose FFI API has another major version, and stages other than execute.
@@ -439,24 +682,39 @@ unsafe fn factors(attrs: &abi::Attrs) -> Result<Factors, Failure> {
 /// # Safety
 /// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes.
 unsafe fn check_caller(frame: &abi::CallFrame) -> Result<(), Failure> {
-    // SAFETY: `api` is null or XLA's API struct, whose leading fields every version has.
-    if let Some(api) = unsafe { frame.api.as_ref() } {
-        let version = &api.api_version;
-        if version.major_version != API_MAJOR {
-            return Err(format!(
-                "l1l2_rs: XLA FFI API {}.{} is not compatible with the {API_MAJOR}.{API_MINOR} \
-                 this handler was written for",
-                version.major_version, version.minor_version
-            ));
+    let api = frame.api;
+    if !api.is_null() && api.is_aligned() {
+        // SAFETY: `api` is XLA's API struct, valid for the call; its size is read first, and
+        // the version only when the struct (and the version struct in it) holds it.
+        let (major, minor) = unsafe {
+            if addr_of!((*api).struct_size).read() < API_VERSION_END {
+                return Err(Failure::invalid(
+                    "l1l2_rs: XLA FFI API struct too small to hold its version",
+                ));
+            }
+            (
+                addr_of!((*api).api_version.major_version).read(),
+                addr_of!((*api).api_version.minor_version).read(),
+            )
+        };
+        if major != API_MAJOR {
+            return Err(Failure::invalid(format!(
+                "l1l2_rs: XLA FFI API {major}.{minor} is not compatible with the \
+                 {API_MAJOR}.{API_MINOR} this handler was written for"
+            )));
         }
     }
     if frame.stage != abi::STAGE_EXECUTE {
-        return Err(format!("l1l2_rs: called for stage {}", frame.stage));
+        return Err(Failure::invalid(format!(
+            "l1l2_rs: called for stage {}",
+            frame.stage
+        )));
     }
     Ok(())
 }
 
-/// Decodes the call, checks the results against the operands and runs the core.
+/// Decodes the call, checks the results against the operands and runs the core. Every check
+/// runs before anything is written, so a refused call leaves the results untouched.
 ///
 /// # Safety
 /// `frame` is a valid call frame of at least `CALL_FRAME_SIZE` bytes.
@@ -484,18 +742,19 @@ unsafe fn execute(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
         Op::ValueAndGrad => 1 + operands.len(),
     };
     if results.len() != expected_results {
-        return Err(format!(
+        return Err(Failure::invalid(format!(
             "l1l2_rs: {} operands need {expected_results} results, got {}",
             operands.len(),
             results.len()
-        ));
+        )));
     }
     let (penalty, gradients) = results.split_first().expect("at least one result");
+    let penalty_result = PenaltyResult::new(penalty)?;
     let batch = penalty.dims.clone();
     let batch_len = batch
         .iter()
         .try_fold(1usize, |acc, &dim| acc.checked_mul(dim))
-        .ok_or_else(|| Failure::from("l1l2_rs: the batch is too large"))?;
+        .ok_or_else(|| Failure::internal("l1l2_rs: the batch is too large"))?;
     let operands = operands
         .iter()
         .enumerate()
@@ -504,20 +763,99 @@ unsafe fn execute(frame: &abi::CallFrame, op: Op) -> Result<(), Failure> {
     for (index, (operand, gradient)) in operands.iter().zip(gradients).enumerate() {
         let shape: Vec<usize> = batch.iter().chain(&operand.inner_dims).copied().collect();
         if gradient.dtype != operand.dtype_code || gradient.dims != shape {
-            return Err(format!(
+            return Err(Failure::invalid(format!(
                 "l1l2_rs: result {} must have operand {index}'s dtype and the shape {shape:?} \
                  (the batch shape, then the operand's own)",
                 index + 1
-            ));
+            )));
+        }
+        if batch_len.checked_mul(operand.inner_bytes).is_none() {
+            return Err(Failure::internal(format!(
+                "l1l2_rs: result {} is too large",
+                index + 1
+            )));
         }
     }
+    if batch_len == 0 {
+        return Ok(()); // every result is empty
+    }
+    // SAFETY: the operands were decoded from the operand buffers XLA passed to this call, which
+    // hold their arrays and are not written during it; `batch_len` is the batch's size.
+    let elements = unsafe { Elements::new(&operands, &batch, batch_len) }?;
     let mut totals = vec![0.0f64; batch_len];
     match op {
-        Op::Penalty => penalties(&operands, &batch, &factors, &mut totals)?,
-        Op::ValueAndGrad => value_and_grads(&operands, &batch, gradients, &factors, &mut totals)?,
+        Op::Penalty => penalties(&operands, &elements, &factors, &mut totals),
+        // SAFETY: `gradients` are this call's result buffers, checked above against the
+        // operands (dtype, then the batch shape and the operand's inner dims); results never
+        // alias operands (no input_output_aliases are declared).
+        Op::ValueAndGrad => {
+            unsafe { value_and_grads(&operands, &elements, gradients, &factors, &mut totals) }?
+        }
     }
-    // SAFETY: the penalty result is a buffer XLA allocated for this call with dims `batch`.
-    unsafe { write_totals(penalty, &totals) }
+    // SAFETY: the penalty result is a buffer XLA allocated for this call with dims `batch`, so
+    // `batch_len` elements, written by nothing else.
+    unsafe { penalty_result.write(&totals) };
+    Ok(())
+}
+
+/// The penalty result, checked before anything is computed: a float32 or float64 buffer,
+/// aligned for its dtype.
+enum PenaltyResult {
+    F32(*mut f32),
+    F64(*mut f64),
+}
+
+impl PenaltyResult {
+    fn new(buffer: &Buffer) -> Result<Self, Failure> {
+        let (result, aligned) = match buffer.dtype {
+            abi::DTYPE_F32 => {
+                let data = buffer.data.cast::<f32>();
+                (Self::F32(data), data.is_aligned())
+            }
+            abi::DTYPE_F64 => {
+                let data = buffer.data.cast::<f64>();
+                (Self::F64(data), data.is_aligned())
+            }
+            other => {
+                return Err(Failure::invalid(format!(
+                    "l1l2_rs: the penalty result must be float32 or float64, got XLA dtype \
+                     code {other}"
+                )))
+            }
+        };
+        if !aligned {
+            return Err(Failure::internal(
+                "l1l2_rs: misaligned penalty result buffer",
+            ));
+        }
+        Ok(result)
+    }
+
+    /// Writes the per-batch-element totals, rounded once to the result's dtype.
+    ///
+    /// # Safety
+    /// The buffer is a result buffer XLA allocated for this call, of `totals.len()` elements,
+    /// not accessed by anything else meanwhile.
+    unsafe fn write(&self, totals: &[f64]) {
+        if totals.is_empty() {
+            return;
+        }
+        match *self {
+            Self::F32(out) => {
+                // SAFETY: the caller's contract; non-null (a buffer with elements has data) and
+                // aligned (checked in `new`).
+                let out = unsafe { std::slice::from_raw_parts_mut(out, totals.len()) };
+                for (slot, &total) in out.iter_mut().zip(totals) {
+                    *slot = total as f32;
+                }
+            }
+            Self::F64(out) => {
+                // SAFETY: as above, float64.
+                let out = unsafe { std::slice::from_raw_parts_mut(out, totals.len()) };
+                out.copy_from_slice(totals);
+            }
+        }
+    }
 }
 
 /// An operand: its dtype, the layout of its batch elements and the data pointer.
@@ -528,6 +866,8 @@ struct Operand {
     /// The batch shape's dims, each either the batch's own or 1 (one element for the whole
     /// batch: `vmap_method="expand_dims"` gives an operand that is not batched a leading 1).
     batch_dims: Vec<usize>,
+    /// The distinct batch elements the operand holds: the product of `batch_dims`.
+    elements: usize,
     /// The dims after the batch dims, and the bytes one batch element spans.
     inner_dims: Vec<usize>,
     inner_bytes: usize,
@@ -536,11 +876,11 @@ struct Operand {
 impl Operand {
     fn new(index: usize, buffer: &Buffer, batch: &[usize]) -> Result<Self, Failure> {
         let dtype = float_dtype(buffer.dtype).ok_or_else(|| {
-            format!(
+            Failure::invalid(format!(
                 "l1l2_rs: operand {index} has XLA dtype code {}; expected float16, bfloat16, \
                  float32 or float64",
                 buffer.dtype
-            )
+            ))
         })?;
         let leading = buffer.dims.get(..batch.len()).unwrap_or(&[]);
         let batched = leading.len() == batch.len()
@@ -549,40 +889,48 @@ impl Operand {
                 .zip(batch)
                 .all(|(&dim, &full)| dim == full || dim == 1);
         if !batched {
-            return Err(format!(
+            return Err(Failure::invalid(format!(
                 "l1l2_rs: operand {index} has shape {:?}, whose leading dims must each be those \
                  of the penalty result's batch shape {batch:?}, or 1",
                 buffer.dims
-            ));
+            )));
         }
+        let too_large = || Failure::internal(format!("l1l2_rs: operand {index} is too large"));
         let inner_dims = buffer.dims[batch.len()..].to_vec();
         let inner_bytes = inner_dims
             .iter()
             .try_fold(dtype.itemsize(), |acc, &dim| acc.checked_mul(dim))
-            .ok_or_else(|| format!("l1l2_rs: operand {index} is too large"))?;
+            .ok_or_else(too_large)?;
+        let elements = leading
+            .iter()
+            .try_fold(1usize, |acc, &dim| acc.checked_mul(dim))
+            .ok_or_else(too_large)?;
+        elements.checked_mul(inner_bytes).ok_or_else(too_large)?;
         Ok(Self {
             dtype,
             dtype_code: buffer.dtype,
             data: buffer.data,
             batch_dims: leading.to_vec(),
+            elements,
             inner_dims,
             inner_bytes,
         })
     }
 
-    /// The byte offset of batch element `b` (a row-major index into the batch shape `batch`),
-    /// reading a dim of 1 as that one element for every index.
-    fn batch_offset(&self, batch: &[usize], mut b: usize) -> usize {
-        let (mut offset, mut stride) = (0, self.inner_bytes);
+    /// The operand's element that batch element `b` (a row-major index into the batch shape
+    /// `batch`, every dim of which is non-zero) reads: a dim of 1 gives that one element for
+    /// every index along it.
+    fn element_of(&self, batch: &[usize], mut b: usize) -> usize {
+        let (mut element, mut stride) = (0, 1);
         for (&full, &dim) in batch.iter().zip(&self.batch_dims).rev() {
             let index = b % full;
             b /= full;
             if dim != 1 {
-                offset += index * stride;
+                element += index * stride;
             }
             stride *= dim;
         }
-        offset
+        element
     }
 
     /// Row-major byte strides of one batch element.
@@ -596,16 +944,20 @@ impl Operand {
         strides
     }
 
-    /// Batch element `b` of the operand, read-only.
-    fn view(&self, batch: &[usize], b: usize) -> Result<ArrayView<'_>, Failure> {
-        let data = self.data.wrapping_add(self.batch_offset(batch, b));
-        // SAFETY: XLA's operand buffer holds the whole row-major array for the call, and nothing
-        // writes it meanwhile; batch element `b` (within the batch) spans `inner_bytes` from
-        // `data`.
+    /// The operand's element `e` (one batch element's array), read-only.
+    ///
+    /// # Safety
+    /// The operand was decoded from an operand buffer XLA passed to this call, which holds the
+    /// whole row-major array (`elements` batch elements of `inner_bytes` each) and is not
+    /// written while the view lives; `e < self.elements`.
+    unsafe fn view(&self, e: usize) -> Result<ArrayView<'_>, Failure> {
+        let data = self.data.wrapping_add(e * self.inner_bytes);
+        // SAFETY: the caller's contract: element `e` spans `inner_bytes` from `data`, inside
+        // the buffer, unwritten while the view lives.
         unsafe {
             ArrayView::from_raw_parts(data, self.dtype, &self.inner_dims, &self.inner_strides())
         }
-        .map_err(|error| format!("l1l2_rs: {error}"))
+        .map_err(|error| Failure::core(&error))
     }
 
     /// Batch element `b` of this operand's gradient: a result buffer of the batch shape
@@ -613,11 +965,11 @@ impl Operand {
     ///
     /// # Safety
     /// `result` is a result buffer XLA allocated for this call with this operand's dtype and
-    /// the batch shape followed by its inner dims, not aliased by any operand, and `b` is within
-    /// the batch.
+    /// the batch shape followed by its inner dims, not aliased by any operand nor accessed by
+    /// anything else while the view lives, and `b` is within the batch.
     unsafe fn gradient_view<'a>(
         &self,
-        result: &Buffer,
+        result: &'a Buffer,
         b: usize,
     ) -> Result<ArrayViewMut<'a>, Failure> {
         let data = result.data.wrapping_add(b * self.inner_bytes);
@@ -625,16 +977,80 @@ impl Operand {
         unsafe {
             ArrayViewMut::from_raw_parts(data, self.dtype, &self.inner_dims, &self.inner_strides())
         }
-        .map_err(|error| format!("l1l2_rs: {error}"))
+        .map_err(|error| Failure::core(&error))
+    }
+
+    /// Copies batch element `from` of this operand's gradient to batch element `to`.
+    ///
+    /// # Safety
+    /// As for [`Operand::gradient_view`], for both `from` and `to`, which differ; no view of
+    /// `result` is alive.
+    unsafe fn copy_gradient(&self, result: &Buffer, from: usize, to: usize) {
+        if self.inner_bytes == 0 {
+            return;
+        }
+        // SAFETY: the caller's contract: both ranges of `inner_bytes` lie in the result buffer
+        // (non-null: it has elements), and they are disjoint since `from != to`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                result.data.add(from * self.inner_bytes),
+                result.data.add(to * self.inner_bytes),
+                self.inner_bytes,
+            );
+        }
     }
 }
 
-/// The views of every operand's batch elements, batch-major: `b * operands + i`.
-fn views<'a>(operands: &'a [Operand], batch: &[usize]) -> Result<Vec<ArrayView<'a>>, Failure> {
-    let batch_len: usize = batch.iter().product();
-    (0..batch_len)
-        .flat_map(|b| operands.iter().map(move |operand| operand.view(batch, b)))
-        .collect()
+/// The arrays the core reads: each operand's distinct batch elements, once. An operand that is
+/// not batched along a batch dim (a dim of 1) reads the same element for every index along it,
+/// so its sums and gradient are computed once rather than once per batch element.
+struct Elements<'a> {
+    /// The views, operand by operand.
+    views: Vec<ArrayView<'a>>,
+    /// For each view: its operand, and the first batch element that reads it.
+    owners: Vec<(usize, usize)>,
+    /// For each operand, the index into `views` of each batch element's array.
+    slots: Vec<Vec<usize>>,
+}
+
+impl<'a> Elements<'a> {
+    /// # Safety
+    /// Each operand was decoded from an operand buffer XLA passed to this call, valid and not
+    /// written for `'a`; `batch_len` is the product of `batch`.
+    unsafe fn new(
+        operands: &'a [Operand],
+        batch: &[usize],
+        batch_len: usize,
+    ) -> Result<Self, Failure> {
+        let mut views = Vec::new();
+        let mut owners = Vec::new();
+        let mut slots = Vec::with_capacity(operands.len());
+        for (index, operand) in operands.iter().enumerate() {
+            let mut seen = vec![None; operand.elements];
+            let mut operand_slots = Vec::with_capacity(batch_len);
+            for b in 0..batch_len {
+                let e = operand.element_of(batch, b);
+                let slot = match seen[e] {
+                    Some(slot) => slot,
+                    None => {
+                        // SAFETY: the caller's contract; `e < operand.elements` (a row-major
+                        // index into the operand's batch dims).
+                        views.push(unsafe { operand.view(e) }?);
+                        owners.push((index, b));
+                        seen[e] = Some(views.len() - 1);
+                        views.len() - 1
+                    }
+                };
+                operand_slots.push(slot);
+            }
+            slots.push(operand_slots);
+        }
+        Ok(Self {
+            views,
+            owners,
+            slots,
+        })
+    }
 }
 
 /// A leaf's penalty as the adapter reports it: rounded once to float32 for float16, bfloat16
@@ -647,49 +1063,53 @@ fn leaf_penalty(dtype: DType, value: f64) -> f64 {
     }
 }
 
-/// Adds each batch element's leaf penalties, in operand order, into `totals`.
-fn add_penalties(operands: &[Operand], values: &[f64], totals: &mut [f64]) {
+/// Adds each batch element's leaf penalties (`values`, one per view), in operand order, into
+/// `totals`.
+fn add_penalties(
+    operands: &[Operand],
+    elements: &Elements<'_>,
+    values: &[f64],
+    totals: &mut [f64],
+) {
     for (b, total) in totals.iter_mut().enumerate() {
-        for (i, operand) in operands.iter().enumerate() {
-            *total += leaf_penalty(operand.dtype, values[b * operands.len() + i]);
+        for (operand, slots) in operands.iter().zip(&elements.slots) {
+            *total += leaf_penalty(operand.dtype, values[slots[b]]);
         }
     }
 }
 
-fn penalties(
-    operands: &[Operand],
-    batch: &[usize],
-    factors: &Factors,
-    totals: &mut [f64],
-) -> Result<(), Failure> {
-    let views = views(operands, batch)?;
-    let values: Vec<f64> = l1l2_core::sums_many(&views)
+fn penalties(operands: &[Operand], elements: &Elements<'_>, factors: &Factors, totals: &mut [f64]) {
+    let values: Vec<f64> = l1l2_core::sums_many(&elements.views)
         .iter()
         .map(|sums: &Sums| factors.penalty(sums))
         .collect();
-    add_penalties(operands, &values, totals);
-    Ok(())
+    add_penalties(operands, elements, &values, totals);
 }
 
-fn value_and_grads(
+/// # Safety
+/// `gradients` are the gradient result buffers XLA allocated for this call, one per operand,
+/// each of its operand's dtype and of the batch shape followed by its inner dims, aliasing no
+/// operand and accessed by nothing else during the call.
+unsafe fn value_and_grads(
     operands: &[Operand],
-    batch: &[usize],
+    elements: &Elements<'_>,
     gradients: &[Buffer],
     factors: &Factors,
     totals: &mut [f64],
 ) -> Result<(), Failure> {
-    let views = views(operands, batch)?;
-    let mut grads = Vec::with_capacity(views.len());
-    for b in 0..totals.len() {
-        for (operand, gradient) in operands.iter().zip(gradients) {
-            // SAFETY: `gradient` is the result buffer XLA allocated for this operand's gradient
-            // (dtype and dims checked in `execute`); results never alias operands (no
-            // input_output_aliases are declared), and `b` is within the batch.
-            grads.push(unsafe { operand.gradient_view(gradient, b) }?);
-        }
-    }
-    let mut values = l1l2_core::value_and_grad_many(&views, &mut grads, factors, Update::Overwrite)
-        .map_err(|error| format!("l1l2_rs: {error}"))?;
+    let mut grads = elements
+        .owners
+        .iter()
+        .map(|&(index, b)| {
+            // SAFETY: the caller's contract; `b` is within the batch, and every view is of a
+            // different batch element of its result, so the views are disjoint.
+            unsafe { operands[index].gradient_view(&gradients[index], b) }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let views = &elements.views;
+    let mut values = l1l2_core::value_and_grad_many(views, &mut grads, factors, Update::Overwrite)
+        .map_err(|error| Failure::core(&error))?;
+    drop(grads);
     // The fused call rounds each penalty to its leaf's dtype; a float16 or bfloat16 leaf's
     // penalty is reported in float32, so it is taken from the sums (the same float64 value
     // before rounding: value_and_grad's penalty is defined as the rounded penalty of the sums).
@@ -702,43 +1122,17 @@ fn value_and_grads(
             values[k] = factors.penalty(&sums);
         }
     }
-    add_penalties(operands, &values, totals);
-    Ok(())
-}
-
-/// Writes the per-batch-element totals into the penalty result, rounded once to its dtype.
-///
-/// # Safety
-/// `penalty` is a result buffer XLA allocated for this call, of `totals.len()` elements.
-unsafe fn write_totals(penalty: &Buffer, totals: &[f64]) -> Result<(), Failure> {
-    if totals.is_empty() {
-        return Ok(());
-    }
-    match penalty.dtype {
-        abi::DTYPE_F32 => {
-            let out = penalty.data.cast::<f32>();
-            if !out.is_aligned() {
-                return Err("l1l2_rs: misaligned result buffer".into());
+    add_penalties(operands, elements, &values, totals);
+    // A batch element that reads the same operand element as an earlier one gets a copy of
+    // that one's gradient: the bits computing it again would give.
+    for (index, (operand, gradient)) in operands.iter().zip(gradients).enumerate() {
+        for (b, &slot) in elements.slots[index].iter().enumerate() {
+            let (_, first) = elements.owners[slot];
+            if first != b {
+                // SAFETY: the caller's contract; `first` and `b` are distinct batch elements,
+                // and the views into the results were dropped above.
+                unsafe { operand.copy_gradient(gradient, first, b) };
             }
-            // SAFETY: the caller's contract: `totals.len()` aligned float32 elements, ours to write.
-            let out = unsafe { std::slice::from_raw_parts_mut(out, totals.len()) };
-            for (slot, &total) in out.iter_mut().zip(totals) {
-                *slot = total as f32;
-            }
-        }
-        abi::DTYPE_F64 => {
-            let out = penalty.data.cast::<f64>();
-            if !out.is_aligned() {
-                return Err("l1l2_rs: misaligned result buffer".into());
-            }
-            // SAFETY: as above, float64.
-            let out = unsafe { std::slice::from_raw_parts_mut(out, totals.len()) };
-            out.copy_from_slice(totals);
-        }
-        other => {
-            return Err(format!(
-                "l1l2_rs: the penalty result must be float32 or float64, got XLA dtype code {other}"
-            ))
         }
     }
     Ok(())

@@ -65,3 +65,25 @@ def test_console_script_is_installed() -> None:
         pytest.skip("console script not on PATH (package not installed with pip)")
     out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "penalty" in out.stdout
+
+
+def test_empty_truncated_and_archive_files_fail_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "whole.npy", np.ones(1000))
+    data = (tmp_path / "whole.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) // 2])
+    np.savez(tmp_path / "both.npz", a=np.ones(3))
+    for name, says in [("empty.npy", "empty"), ("cut.npy", "file size"), ("both.npz", ".npz")]:
+        out = run(str(tmp_path / name))
+        assert out.returncode == 1, (name, out.stderr)
+        assert "Traceback" not in out.stderr and says in out.stderr, out.stderr
+
+
+def test_demo_sizes_are_checked() -> None:
+    scientific = run("--size", "2e5")
+    assert scientific.returncode == 0, scientific.stderr
+    for bad in ("0", "-5", "1.5", "lots"):
+        out = run("--size", bad)
+        assert out.returncode == 2 and "--size" in out.stderr and "Traceback" not in out.stderr
+    huge = run("--size", "1e15")  # 3.6 PiB
+    assert huge.returncode == 1 and "not enough memory" in huge.stderr, huge.stderr

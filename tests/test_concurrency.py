@@ -29,7 +29,8 @@ SCRIPT = textwrap.dedent(
     for x in (x32, x64, x64.T, x64[::-1, ::3], x32.astype(np.float16)):
         a, s = l1l2_rs.sums(x)
         results.append([a.hex(), s.hex(), float(l1l2_rs.L1L2(1e-3, 1e-4)(x)).hex()])
-    print(json.dumps({"threads": l1l2_rs.get_num_threads(), "results": results}))
+    print(json.dumps({"threads": l1l2_rs.get_num_threads(), "results": results,
+                      "isa": l1l2_rs.simd_isa()}))
     """
 )
 
@@ -64,6 +65,9 @@ def test_bit_identical_across_instruction_sets() -> None:
         assert forced["results"] == detected["results"], cap
     forced = run_with_env(L1L2_NUM_THREADS="2", L1L2_FORCE_BASELINE="1")
     assert forced["results"] == detected["results"]
+    assert forced["isa"] == "baseline"
+    for off in ("0", ""):
+        assert run_with_env(L1L2_FORCE_BASELINE=off)["isa"] == detected["isa"]
 
 
 def test_thread_count_environment_precedence() -> None:

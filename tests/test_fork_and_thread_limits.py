@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -170,3 +171,39 @@ def test_negative_limits_through_threadpoolctl_are_a_value_error() -> None:
     ):
         pass  # pragma: no cover - the limit itself raises
     assert l1l2_rs.get_num_threads() == before
+
+
+INTERRUPT_PROBE = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    import numpy as np
+    import l1l2_rs
+
+    x = np.ones(10_000_000, np.float32)
+    xs = [x] * 3000  # about 10 s of work in one call
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    start = time.perf_counter()
+    try:
+        getattr(l1l2_rs, sys.argv[1])(xs)
+    except KeyboardInterrupt:
+        print(f"interrupted {time.perf_counter() - start:.3f}")
+    else:
+        print(f"finished {time.perf_counter() - start:.3f}")
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+@pytest.mark.parametrize("call", ["sums_many", "penalty_many"])
+def test_ctrl_c_interrupts_a_long_call(call: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_PROBE, call],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    outcome, seconds = result.stdout.split()
+    assert outcome == "interrupted", result.stdout
+    # The signal comes at 0.5 s; the call notices it within about 50 ms of work.
+    assert float(seconds) < 1.5, result.stdout

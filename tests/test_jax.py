@@ -11,10 +11,11 @@ same dtype rules apply.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -579,6 +580,7 @@ ROOT = Path(__file__).resolve().parents[1]
 C_STRUCTS = {
     "ExtensionBase": "XLA_FFI_Extension_Base",
     "ApiVersion": "XLA_FFI_Api_Version",
+    "TypeId": "XLA_FFI_TypeId",
     "Metadata": "XLA_FFI_Metadata",
     "MetadataExtension": "XLA_FFI_Metadata_Extension",
     "ErrorCreateArgs": "XLA_FFI_Error_Create_Args",
@@ -685,3 +687,475 @@ def test_native_reads_strided_and_transposed_slices(rng: np.random.Generator) ->
     expected = np.zeros((40, 30), np.float32)
     expected[:, ::3] = l1l2_rs.grad(piece, 0.1, 0.2)
     np.testing.assert_array_equal(np.asarray(grad), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# vmap with operands that are not batched along every batch dimension
+
+
+def test_native_vmap_unbatched_operand_value_and_grad(rng: np.random.Generator) -> None:
+    # The shared leaf is read once for the whole batch; every batch element still gets its
+    # penalty and its own copy of the shared leaf's gradient.
+    batch = sample(rng, (5, 7), jnp.float32)
+    shared = sample(rng, (4, 3), jnp.float32)
+    l1, l2 = 0.5, 0.25
+
+    def one(x: jax.Array, w: jax.Array) -> jax.Array:
+        return penalty({"x": x, "w": w}, l1, l2, implementation="native")
+
+    values, (grad_x, grad_w) = jax.jit(
+        jax.vmap(jax.value_and_grad(one, argnums=(0, 1)), in_axes=(0, None))
+    )(batch, shared)
+    assert values.shape == (5,) and grad_x.shape == (5, 7) and grad_w.shape == (5, 4, 3)
+    w = np.asarray(shared)
+    for b in range(5):
+        x = np.asarray(batch[b])
+        assert_relative(values[b], exact_penalty([x, w], l1, l2), 4 * UNIT_ROUNDOFF["float32"])
+        for got, leaf in ((grad_x[b], x), (grad_w[b], w)):
+            for g, want in zip(np.ravel(got).tolist(), exact_grad(leaf, l1, l2), strict=True):
+                assert abs(g - float(want)) <= ulp_of(float(want), np.float32)
+
+
+def test_native_nested_vmap_operand_batched_along_one_dim(rng: np.random.Generator) -> None:
+    # `w` is batched by the outer vmap only: its batch dims are (3, 1) of the batch (3, 4).
+    xs = sample(rng, (3, 4, 6), jnp.float32)
+    ws = sample(rng, (3, 5), jnp.float32)
+    l1, l2 = 0.125, 0.75
+
+    def one(x: jax.Array, w: jax.Array) -> jax.Array:
+        return penalty([x, w], l1, l2, implementation="native")
+
+    inner = jax.vmap(jax.value_and_grad(one, argnums=(0, 1)), in_axes=(0, None))
+    values, (grad_x, grad_w) = jax.jit(jax.vmap(inner))(xs, ws)
+    assert values.shape == (3, 4) and grad_w.shape == (3, 4, 5)
+    for i in range(3):
+        w = np.asarray(ws[i])
+        for j in range(4):
+            x = np.asarray(xs[i, j])
+            exact = exact_penalty([x, w], l1, l2)
+            assert_relative(values[i, j], exact, 4 * UNIT_ROUNDOFF["float32"])
+            for got, leaf in ((grad_x[i, j], x), (grad_w[i, j], w)):
+                for g, want in zip(np.ravel(got).tolist(), exact_grad(leaf, l1, l2), strict=True):
+                    assert abs(g - float(want)) <= ulp_of(float(want), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error codes, and the XLA FFI API version check at registration
+
+
+def test_native_argument_problems_are_invalid_argument_errors() -> None:
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"^INVALID_ARGUMENT: l1l2_rs: l1 must"):
+        native_call("l1l2_rs_penalty", [jnp.ones(3)], SCALAR, l1=-1.0, l2=0.0)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"^INVALID_ARGUMENT: l1l2_rs: operand 0"):
+        # Not l1=1.0: JAX caches attributes by value, so 1.0 would pick up the np.int32(1) of
+        # test_native_refuses_bad_attributes (equal and of equal hash).
+        factors = {"l1": np.float64(0.75), "l2": np.float64(0.0)}
+        native_call("l1l2_rs_penalty", [jnp.arange(3)], SCALAR, **factors)
+
+
+@pytest.mark.parametrize(
+    ("handlers", "jaxlib", "compatible"),
+    [
+        ((0, 3), (0, 3), True),
+        ((0, 3), (0, 5), True),  # a newer minor version still serves older handlers
+        ((0, 3), None, True),  # unknown: XLA checks it again at registration
+        ((0, 3), (0, 2), False),
+        ((0, 3), (1, 3), False),
+    ],
+)
+def test_api_version_problem(
+    handlers: tuple[int, int], jaxlib: tuple[int, int] | None, compatible: bool
+) -> None:
+    problem = l1l2_rs.jax._api_version_problem(handlers, jaxlib)
+    assert (problem is None) == compatible
+    if not compatible:
+        assert problem is not None and "XLA FFI API 0.3" in problem
+
+
+def test_running_jaxlib_serves_the_handlers() -> None:
+    header = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", c_header()))
+    running = l1l2_rs.jax._jaxlib_ffi_api_version()
+    assert running == (int(header["MAJOR"]), int(header["MINOR"]))
+    _, version = l1l2_rs._l1l2_rs.xla_ffi_handlers()
+    assert l1l2_rs.jax._api_version_problem(version, running) is None
+
+
+def test_registration_refuses_another_api_major_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(l1l2_rs.jax, "_jaxlib_ffi_api_version", lambda: (99, 0))
+    problem = l1l2_rs.jax._register_handlers()
+    assert problem is not None and "the running jaxlib has 99.0" in problem
+
+
+# ---------------------------------------------------------------------------------------------
+# The handlers called directly with call frames built by hand from c_api.h (ctypes), to reach
+# what XLA never sends: malformed frames, metadata structs of either size, extension chains
+
+
+class CExtensionBase(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p)]
+
+
+class CApiVersion(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("major_version", ctypes.c_int),
+        ("minor_version", ctypes.c_int),
+    ]
+
+
+class CMetadata(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("api_version", CApiVersion),
+        ("traits", ctypes.c_uint32),
+        ("state_type_id", ctypes.c_int64),  # XLA_FFI_TypeId: one int64_t
+    ]
+
+
+class CMetadataExtension(ctypes.Structure):
+    _fields_ = [("extension_base", CExtensionBase), ("metadata", ctypes.POINTER(CMetadata))]
+
+
+class CErrorCreateArgs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("message", ctypes.c_char_p),
+        ("errc", ctypes.c_int),
+    ]
+
+
+C_ERROR_CREATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(CErrorCreateArgs))
+
+
+class CApi(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("api_version", CApiVersion),
+        ("internal_api", ctypes.c_void_p),
+        ("error_create", C_ERROR_CREATE),
+    ]
+
+
+class CBuffer(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("dtype", ctypes.c_int),
+        ("data", ctypes.c_void_p),
+        ("rank", ctypes.c_int64),
+        ("dims", ctypes.POINTER(ctypes.c_int64)),
+    ]
+
+
+def c_table_fields(entries: str) -> list[tuple[str, Any]]:
+    return [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.POINTER(ctypes.c_int)),
+        (entries, ctypes.POINTER(ctypes.c_void_p)),
+    ]
+
+
+class CArgs(ctypes.Structure):
+    _fields_ = c_table_fields("args")
+
+
+class CRets(ctypes.Structure):
+    _fields_ = c_table_fields("rets")
+
+
+class CByteSpan(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class CScalar(ctypes.Structure):
+    _fields_ = [("dtype", ctypes.c_int), ("value", ctypes.c_void_p)]
+
+
+class CAttrs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.POINTER(ctypes.c_int)),
+        ("names", ctypes.POINTER(ctypes.POINTER(CByteSpan))),
+        ("attrs", ctypes.POINTER(ctypes.c_void_p)),
+    ]
+
+
+class CCallFrame(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("api", ctypes.POINTER(CApi)),
+        ("ctx", ctypes.c_void_p),
+        ("stage", ctypes.c_int),
+        ("args", CArgs),
+        ("rets", CRets),
+        ("attrs", CAttrs),
+        ("future", ctypes.c_void_p),
+    ]
+
+
+def c_value(name: str) -> int:
+    """An enum value of c_api.h, e.g. ``XLA_FFI_DataType_F32``."""
+    match = re.search(rf"\b{name} = (\d+)", c_header())
+    assert match, name
+    return int(match.group(1))
+
+
+def c_struct_size(struct: type[ctypes.Structure], last_field: str) -> int:
+    """``XLA_FFI_STRUCT_SIZE``: the end of ``last_field``."""
+    field = getattr(struct, last_field)
+    return int(field.offset + field.size)
+
+
+C_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16"}
+FAKE_ERROR = 0x1000  # what the hand-made XLA_FFI_Error_Create returns: any non-null pointer
+
+
+class HandCall:
+    """A call frame for one handler call, with an API whose XLA_FFI_Error_Create records the
+    (code, message) of each error; ``keep`` holds every ctypes object the frame points into."""
+
+    def __init__(self, operands: list[np.ndarray], results: list[np.ndarray], **attrs: Any):
+        self.errors: list[tuple[int, str]] = []
+        self.keep: list[Any] = []
+
+        def error_create(args: Any) -> int:
+            self.errors.append((args.contents.errc, args.contents.message.decode()))
+            return FAKE_ERROR
+
+        self.api = CApi(
+            struct_size=ctypes.sizeof(CApi),
+            api_version=CApiVersion(ctypes.sizeof(CApiVersion), None, *self.header_version()),
+            error_create=C_ERROR_CREATE(error_create),
+        )
+        self.frame = CCallFrame(
+            struct_size=ctypes.sizeof(CCallFrame),
+            api=ctypes.pointer(self.api),
+            stage=c_value("XLA_FFI_ExecutionStage_EXECUTE"),
+        )
+        self.frame.args = CArgs(ctypes.sizeof(CArgs), None, *self.table(operands, "Arg"))
+        self.frame.rets = CRets(ctypes.sizeof(CRets), None, *self.table(results, "Ret"))
+        self.buffers = [self.keep[-1][i] for i in range(len(results))]  # the CBuffer objects
+        self.frame.attrs = self.attributes(attrs)
+
+    @staticmethod
+    def header_version() -> tuple[int, int]:
+        found = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", c_header()))
+        return int(found["MAJOR"]), int(found["MINOR"])
+
+    def table(self, arrays: list[np.ndarray], kind: str) -> tuple[int, Any, Any]:
+        types = (ctypes.c_int * len(arrays))(*[c_value(f"XLA_FFI_{kind}Type_BUFFER")] * len(arrays))
+        buffers = [self.buffer(a) for a in arrays]
+        entries = (ctypes.c_void_p * len(arrays))(*[ctypes.addressof(b) for b in buffers])
+        self.keep += [types, entries, buffers]
+        return len(arrays), ctypes.cast(types, ctypes.POINTER(ctypes.c_int)), entries
+
+    def buffer(self, array: np.ndarray) -> CBuffer:
+        dims = (ctypes.c_int64 * max(array.ndim, 1))(*array.shape)
+        self.keep += [dims, array]
+        dtype = c_value(f"XLA_FFI_DataType_{C_DTYPES[array.dtype]}")
+        return CBuffer(ctypes.sizeof(CBuffer), None, dtype, array.ctypes.data, array.ndim, dims)
+
+    def attributes(self, attrs: dict[str, Any]) -> CAttrs:
+        count = len(attrs)
+        names = (ctypes.POINTER(CByteSpan) * count)()
+        values = (ctypes.c_void_p * count)()
+        for index, (name, value) in enumerate(attrs.items()):
+            text = ctypes.create_string_buffer(name.encode())
+            number = ctypes.c_double(value)
+            span = CByteSpan(ctypes.addressof(text), len(name))
+            scalar = CScalar(c_value("XLA_FFI_DataType_F64"), ctypes.addressof(number))
+            names[index] = ctypes.pointer(span)
+            values[index] = ctypes.addressof(scalar)
+            self.keep += [text, number, span, scalar]
+        types = (ctypes.c_int * count)(*[c_value("XLA_FFI_AttrType_SCALAR")] * count)
+        self.keep += [names, values, types]
+        return CAttrs(ctypes.sizeof(CAttrs), None, count, types, names, values)
+
+    def scalar(self, index: int) -> CScalar:
+        return CScalar.from_address(self.frame.attrs.attrs[index])
+
+    def run(self, target: str) -> int | None:
+        name = {"l1l2_rs_penalty": b"penalty", "l1l2_rs_value_and_grad": b"value_and_grad"}[target]
+        capsule = l1l2_rs._l1l2_rs.xla_ffi_handlers()[0][target]
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype = ctypes.c_void_p
+        get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        address = get_pointer(capsule, b"l1l2_rs.xla_ffi." + name)
+        handler = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(CCallFrame))(address)
+        result: int | None = handler(ctypes.byref(self.frame))
+        return result
+
+
+def test_hand_built_frames_match_the_header() -> None:
+    # The ctypes transcription above against c_api.h's own STRUCT_SIZE definitions.
+    assert ctypes.sizeof(CBuffer) == c_struct_size(CBuffer, "dims") == 48
+    assert c_struct_size(CCallFrame, "attrs") == 168
+    assert c_struct_size(CMetadata, "traits") == 36
+    assert c_struct_size(CErrorCreateArgs, "errc") == 28
+
+
+def test_hand_built_call_against_exact(rng: np.random.Generator) -> None:
+    x = rng.standard_normal(50).astype(np.float32)
+    value, grad = np.zeros((), np.float32), np.full(50, np.nan, np.float32)
+    call = HandCall([x], [value, grad], l1=0.5, l2=0.25)
+    assert call.run("l1l2_rs_value_and_grad") is None and call.errors == []
+    assert_relative(value, exact_penalty([x], 0.5, 0.25), UNIT_ROUNDOFF["float32"])
+    for g, want in zip(grad.tolist(), exact_grad(x, 0.5, 0.25), strict=True):
+        assert abs(g - float(want)) <= ulp_of(float(want), np.float32)
+
+
+@pytest.mark.parametrize("size_field", ["traits", "state_type_id"])
+def test_metadata_query_found_anywhere_in_the_extension_chain(size_field: str) -> None:
+    metadata = CMetadata(c_struct_size(CMetadata, size_field), CApiVersion(), 7, 99)
+    query = CMetadataExtension(
+        CExtensionBase(ctypes.sizeof(CMetadataExtension), c_value("XLA_FFI_Extension_Metadata")),
+        ctypes.pointer(metadata),
+    )
+    other = CExtensionBase(ctypes.sizeof(CExtensionBase), 1000, ctypes.addressof(query))
+    call = HandCall([], [np.zeros((), np.float32)])
+    call.frame.extension_start = ctypes.addressof(other)
+    assert call.run("l1l2_rs_penalty") is None and call.errors == []
+    version = metadata.api_version
+    assert (version.major_version, version.minor_version) == HandCall.header_version()
+    assert version.struct_size == ctypes.sizeof(CApiVersion) and metadata.traits == 0
+    # XLA_FFI_UNKNOWN_TYPE_ID (0) where the struct holds the field; left alone where it does not.
+    assert metadata.state_type_id == (0 if size_field == "state_type_id" else 99)
+
+
+def test_execute_frame_with_an_unrelated_extension_runs(rng: np.random.Generator) -> None:
+    x = rng.standard_normal(9).astype(np.float64)
+    value = np.full((), np.nan, np.float64)
+    call = HandCall([x], [value], l1=0.0, l2=1.0)
+    other = CExtensionBase(ctypes.sizeof(CExtensionBase), 1000, None)
+    call.frame.extension_start = ctypes.addressof(other)
+    assert call.run("l1l2_rs_penalty") is None and call.errors == []
+    assert_relative(value, exact_penalty([x], 0.0, 1.0), UNIT_ROUNDOFF["float64"])
+
+
+def null_names(call: HandCall) -> None:
+    call.frame.attrs.names = None
+
+
+def null_attribute_types(call: HandCall) -> None:
+    call.frame.attrs.types = None
+
+
+def null_attribute_values(call: HandCall) -> None:
+    call.frame.attrs.attrs = None
+
+
+def negative_attribute_count(call: HandCall) -> None:
+    call.frame.attrs.size = -1
+
+
+def null_scalar_value(call: HandCall) -> None:
+    call.scalar(0).value = None
+
+
+def null_name_bytes(call: HandCall) -> None:
+    call.frame.attrs.names[0].contents.ptr = None
+
+
+def null_operand_types(call: HandCall) -> None:
+    call.frame.args.types = None
+
+
+def negative_operand_count(call: HandCall) -> None:
+    call.frame.args.size = -2
+
+
+def null_dims(call: HandCall) -> None:
+    CBuffer.from_address(call.frame.args.args[0]).dims = None
+
+
+def small_buffer_struct(call: HandCall) -> None:
+    CBuffer.from_address(call.frame.args.args[0]).struct_size = 40
+
+
+def misaligned_operand(call: HandCall) -> None:
+    CBuffer.from_address(call.frame.args.args[0]).data += 1
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (null_names, "2 attribute names but a null or misaligned table"),
+        (null_attribute_types, "2 attribute types but a null or misaligned table"),
+        (null_attribute_values, "2 attributes but a null or misaligned table"),
+        (negative_attribute_count, "call frame with -1 attributes"),
+        (null_scalar_value, "scalar attribute without a value"),
+        (null_name_bytes, "2 bytes of an attribute name but a null"),
+        (null_operand_types, "1 operand types but a null or misaligned table"),
+        (negative_operand_count, "call frame with -2 operands"),
+        (null_dims, "operand 0: XLA FFI buffer with null or misaligned dims"),
+        (small_buffer_struct, "operand 0: XLA FFI buffer struct too small"),
+        (misaligned_operand, "not aligned for float32"),
+    ],
+)
+def test_malformed_frames_are_internal_errors_and_write_nothing(
+    corrupt: Callable[[HandCall], None], message: str
+) -> None:
+    x = np.arange(1.0, 9.0, dtype=np.float32)
+    storage = np.zeros(x.nbytes + 4, np.uint8)  # room to misalign the operand by a byte
+    storage[: x.nbytes] = x.view(np.uint8)
+    operand = storage[: x.nbytes].view(np.float32)
+    value, grad = np.full((), 7.0, np.float32), np.full(8, 7.0, np.float32)
+    call = HandCall([operand], [value, grad], l1=0.5, l2=0.25)
+    corrupt(call)
+    assert call.run("l1l2_rs_value_and_grad") == FAKE_ERROR
+    [(code, text)] = call.errors
+    assert code == c_value("XLA_FFI_Error_Code_INTERNAL"), text
+    assert re.search(message, text), text
+    assert value == 7.0 and np.all(grad == 7.0)
+
+
+def test_unaligned_scalar_attribute_is_read() -> None:
+    x = np.array([3.0, -4.0], np.float64)
+    value = np.zeros((), np.float64)
+    call = HandCall([x], [value], l1=1.0, l2=0.0)
+    raw = ctypes.create_string_buffer(9)
+    ctypes.memmove(ctypes.addressof(raw) + 1, ctypes.byref(ctypes.c_double(0.5)), 8)
+    call.scalar(0).value = ctypes.addressof(raw) + 1  # l1 = 0.5, at an odd address
+    assert call.run("l1l2_rs_penalty") is None and call.errors == []
+    assert value == 3.5
+
+
+def test_refused_penalty_dtype_writes_no_gradient() -> None:
+    x = np.array([1.0, -2.0], np.float32)
+    value, grad = np.full((), 7.0, np.float16), np.full(2, 7.0, np.float32)
+    call = HandCall([x], [value, grad], l1=0.5, l2=0.25)
+    assert call.run("l1l2_rs_value_and_grad") == FAKE_ERROR
+    [(code, text)] = call.errors
+    assert code == c_value("XLA_FFI_Error_Code_INVALID_ARGUMENT")
+    assert "the penalty result must be float32 or float64" in text
+    assert value == 7.0 and np.all(grad == 7.0)
+
+
+def test_unreportable_failure_of_an_execution_with_an_extension_aborts() -> None:
+    # No XLA_FFI_Error_Create: the failure cannot be reported, and returning "success" would
+    # hand XLA unwritten results; an unrelated extension does not make it a metadata query.
+    script = f"""
+import ctypes, sys
+import numpy as np
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import test_jax as t
+call = t.HandCall([np.ones(2, np.float32)], [np.zeros((), np.float32)], l1=-1.0, l2=0.0)
+call.api.error_create = t.C_ERROR_CREATE()
+other = t.CExtensionBase(ctypes.sizeof(t.CExtensionBase), 1000, None)
+call.frame.extension_start = ctypes.addressof(other)
+call.run("l1l2_rs_penalty")
+print("returned")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode != 0 and "returned" not in done.stdout, done.stdout
+    assert "l1 must be a finite number >= 0" in done.stderr

@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -183,7 +184,8 @@ def test_array_likes_are_accepted() -> None:
 
 
 def test_jax_arrays_are_accepted() -> None:
-    jnp = pytest.importorskip("jax.numpy")
+    import jax.numpy as jnp  # the test extra installs jax
+
     x = jnp.arange(6, dtype=jnp.float32) - 2.5
     result = l1l2_rs.L1L2(0.1, 0.2)(x)
     assert result.dtype == np.float32
@@ -233,6 +235,9 @@ def test_converted_inputs_give_the_same_bits_on_every_call(rng: np.random.Genera
         (np.array(["a", "b"]), "<U1"),
         (np.array(["2020-01-01"], dtype="datetime64[D]"), "datetime64"),
         ("weights", "<U7"),
+        # ml_dtypes' other types get the same message (bfloat16 is the one they add that we read)
+        (np.ones(3, dtype=ml_dtypes.float8_e5m2), "unsupported dtype float8_e5m2"),
+        (np.ones(3, dtype=ml_dtypes.int4), "unsupported dtype int4"),
     ],
 )
 def test_unsupported_dtypes_raise_type_error_naming_the_dtype(bad: Any, fragment: str) -> None:
@@ -341,3 +346,66 @@ def test_gradient_at_a_broadcast_input_keeps_the_penalty_bits(rng: np.random.Gen
     expected_row = np.array([float(e) for e in exact]).astype(np.float32)
     assert grad.shape == (40, 33)
     assert (grad == expected_row).all()
+
+
+def test_masked_arrays_leave_masked_elements_out() -> None:
+    x = np.ma.array([1.0, 1e30, -2.0], mask=[False, True, False])
+    assert l1l2_rs.sums(x) == (3.0, 5.0)
+    assert l1l2_rs.L1L2(0.5, 0.25)(x) == 0.5 * 3.0 + 0.25 * 5.0
+    assert l1l2_rs.sums_many([x, np.ones(2)]) == [(3.0, 5.0), (2.0, 2.0)]
+    _, grad = l1l2_rs.value_and_grad(x, 0.5, 0.25)
+    assert grad.tolist() == [0.5 + 0.5, 0.0, -0.5 - 1.0]  # nothing at the masked element
+
+
+def test_masked_arrays_are_not_written_in_place() -> None:
+    x = np.ma.array([1.0, 5.0, -2.0], mask=[False, True, False])
+    before = x.data.copy()
+    with pytest.raises(TypeError, match="masked"):
+        l1l2_rs.prox_(x, 0.1, 0.5, 0.25)
+    with pytest.raises(TypeError, match="masked"):
+        l1l2_rs.value_and_grad(np.ones(3), 0.5, 0.25, out=x)
+    assert (x.data == before).all()
+
+
+def _exact_float64_penalty(values: list[float], l1: float, l2: float) -> float:
+    abs_sum = sum((abs(Fraction(v)) for v in values), Fraction(0))
+    squares = sum((Fraction(v) ** 2 for v in values), Fraction(0))
+    return float(Fraction(l1) * abs_sum + Fraction(l2) * squares)
+
+
+@pytest.mark.parametrize(
+    "values, l1, l2",
+    [
+        ([1e-160], 0.0, 1e300),  # the square underflows; the penalty is 1e-20
+        ([3e-170] * 4, 0.0, 1e290),  # squares of 0 before: 3.6e-49
+        ([1e200], 0.0, 1e-300),  # the square overflows; the penalty is 1e100
+        ([1e308] * 10_000, 1e-10, 0.0),  # the sum overflows; the penalty is 1e302
+        ([1e300, -1e-300, 5e299], 1e-310, 1e-320),
+        ([2.0**-600, -(2.0**-700), 3 * 2.0**-650], 0.5, 2.0**900),
+    ],
+)
+def test_float64_penalties_at_the_ends_of_the_range(
+    values: list[float], l1: float, l2: float
+) -> None:
+    x = np.array(values)
+    expected = _exact_float64_penalty(values, l1, l2)
+    assert math.isfinite(expected) and abs(expected) >= 2.0**-1022
+    for got in (
+        l1l2_rs.L1L2(l1, l2)(x),
+        l1l2_rs.penalty(x, l1, l2),
+        l1l2_rs.value_and_grad(x, l1, l2)[0],
+        np.float64(l1l2_rs.penalty_many([x, np.zeros(3)], l1, l2)),
+        l1l2_rs.L1L2(l1, l2)(np.broadcast_to(x, (2, len(values)))) / 2,
+    ):
+        assert_within_ulps(got, expected, np.float64, penalty_ulps(np.float64))
+
+
+def test_float64_sums_that_underflow_are_rescaled() -> None:
+    x = np.full(1000, 1.5e-162)
+    abs_sum, squares = l1l2_rs.sums(x)
+    assert abs_sum == 1.5e-159
+    exact = float(1000 * Fraction(1.5e-162) ** 2)  # 2.25e-321, subnormal: within one subnormal
+    assert abs(squares - exact) <= 2.0**-1074
+    # In range, nothing changes: the same bits as before the rescue existed (the fast path).
+    y = np.array([1e-100, 2e-100])
+    assert l1l2_rs.sums(y)[1] == float(Fraction(1e-100) ** 2 + Fraction(2e-100) ** 2)

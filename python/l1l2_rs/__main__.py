@@ -30,11 +30,38 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--l2", type=float, default=0.01, help="L2 factor (default 0.01)")
     parser.add_argument(
         "--size",
-        type=int,
+        type=_count,
         default=25_000_000,
         help="demo only: number of float32 weights to generate (default 25e6, ~100 MB)",
     )
     return parser
+
+
+def _count(text: str) -> int:
+    """A positive element count: ``1000``, ``1e6`` or ``25_000_000``."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of weights, got {text!r}") from None
+    if not (value >= 1 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(value)
+
+
+def _load(path: str) -> np.ndarray[Any, np.dtype[Any]]:
+    """The array of a ``.npy`` file, memory-mapped; ``ValueError`` for anything else.
+
+    numpy maps the size its header promises and refuses a file shorter than that; a file that is
+    truncated while it is being read still ends the process with SIGBUS, as any mapped read does.
+    """
+    try:
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:
+        raise ValueError("empty or truncated file (no .npy header)") from None
+    if not isinstance(loaded, np.ndarray):
+        loaded.close()
+        raise ValueError("a .npz archive: pass the .npy arrays it holds (unzip it)")
+    return loaded
 
 
 def _best_time(function: Callable[[], Any], repeat: int = 7) -> tuple[float, Any]:
@@ -69,15 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"l1l2: {error}", file=sys.stderr)
         return 2
     if not arguments.files:
-        if arguments.size < 1:
-            print("l1l2: --size must be positive", file=sys.stderr)
-            return 2
-        _demo(regularizer, arguments.size)
+        try:
+            _demo(regularizer, arguments.size)
+        except MemoryError:
+            gigabytes = arguments.size * 4 / 2**30
+            print(
+                f"l1l2: not enough memory for {arguments.size:,} float32 weights "
+                f"({gigabytes:.1f} GiB); pass a smaller --size",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     total = 0.0
     for path in arguments.files:
         try:
-            weights = np.load(path, mmap_mode="r", allow_pickle=False)
+            weights = _load(path)
             value = regularizer(weights)
         except (OSError, ValueError, TypeError) as error:
             print(f"l1l2: {path}: {error}", file=sys.stderr)

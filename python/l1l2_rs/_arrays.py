@@ -70,7 +70,11 @@ def coerce(x: object) -> np.ndarray[Any, np.dtype[Any]]:
 
 def _readable(x: object) -> np.ndarray[Any, np.dtype[Any]]:
     """``coerce`` of an ``x`` known to carry no autograd state."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, np.ma.MaskedArray):
+        # Masked elements are left out, as numpy.ma's reductions leave them out: zeros add
+        # nothing to sum(|x|) or sum(x**2), and their gradient is 0.
+        array = np.ma.filled(x, 0)
+    elif isinstance(x, np.ndarray):
         array = x
     elif hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
         array = np.from_dlpack(x)

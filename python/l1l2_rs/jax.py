@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -158,10 +160,41 @@ def _native_unavailable() -> str | None:
     return _registration_outcome[0]
 
 
+def _jaxlib_ffi_api_version() -> tuple[int, int] | None:
+    """The XLA FFI API version of the running jaxlib, as the ``c_api.h`` it ships states it;
+    ``None`` when that header is not there."""
+    ffi: Any = jax.ffi
+    header = Path(ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
+    try:
+        text = header.read_text()
+    except OSError:
+        return None
+    found = dict(re.findall(r"^#define XLA_FFI_API_(MAJOR|MINOR) (\d+)\b", text, re.M))
+    if set(found) != {"MAJOR", "MINOR"}:
+        return None
+    return int(found["MAJOR"]), int(found["MINOR"])
+
+
+def _api_version_problem(handlers: tuple[int, int], jaxlib: tuple[int, int] | None) -> str | None:
+    """Why handlers written against the XLA FFI API version ``handlers`` cannot run on a jaxlib
+    of version ``jaxlib``: another major version (another ABI), or a newer minor one (whose
+    additions that jaxlib does not fill in). ``None`` when they can, or when the jaxlib's version
+    is unknown: XLA checks the version again when it registers the handlers."""
+    if jaxlib is None or (handlers[0] == jaxlib[0] and handlers[1] <= jaxlib[1]):
+        return None
+    return (
+        f"the handlers need the XLA FFI API {handlers[0]}.{handlers[1]}, the running jaxlib has "
+        f"{jaxlib[0]}.{jaxlib[1]}"
+    )
+
+
 def _register_handlers() -> str | None:
     try:
         ffi: Any = jax.ffi  # public since jax 0.4.38
-        handlers, _api_version = _l1l2_rs.xla_ffi_handlers()
+        handlers, api_version = _l1l2_rs.xla_ffi_handlers()
+        problem = _api_version_problem(api_version, _jaxlib_ffi_api_version())
+        if problem is not None:
+            return problem
         for name, capsule in handlers.items():
             ffi.register_ffi_target(name, capsule, platform="cpu")
     except Exception as error:  # an older jax or jaxlib: reported, never a crash

@@ -40,6 +40,7 @@ mod dims;
 mod dtype;
 mod element;
 mod error;
+mod extremes;
 mod kernels;
 mod layout;
 mod ops;
@@ -59,20 +60,49 @@ pub use parallel::{num_threads, set_num_threads};
 pub use view::{ArrayView, ArrayViewMut};
 
 /// `sum |x|` and `sum x^2` of an input, each rounded once to f64.
+///
+/// For float64 inputs beyond f64's comfortable range (squares under 2^-1022, sums over its largest
+/// value) the sums are also kept scaled by a power of two, so that [`Sums::penalty`] applies the
+/// factors before the final rounding: `1e-300 * (1e200)^2` is `1e100`, while `sum_squares`
+/// itself is infinite.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Sums {
     /// `sum |x|`.
     pub sum_abs: f64,
     /// `sum x^2`.
     pub sum_squares: f64,
+    scaled: Option<extremes::Scaled>,
 }
 
 impl Sums {
+    /// Sums of the given values (in f64's range: no scaled form).
+    ///
+    /// ```
+    /// let s = l1l2_core::Sums::new(3.5, 5.25);
+    /// assert_eq!(s.penalty(0.5, 0.0), 1.75);
+    /// ```
+    pub fn new(sum_abs: f64, sum_squares: f64) -> Self {
+        Self {
+            sum_abs,
+            sum_squares,
+            scaled: None,
+        }
+    }
+
+    /// The sums of a scaled float64 pass (see `extremes`).
+    pub(crate) fn from_scaled(scaled: extremes::Scaled) -> Self {
+        Self {
+            sum_abs: extremes::scale(scaled.abs, scaled.exponent),
+            sum_squares: extremes::scale(scaled.squares, 2 * scaled.exponent),
+            scaled: Some(scaled),
+        }
+    }
+
     /// Keras' `L1L2(l1, l2)` penalty: `l1 * sum_abs + l2 * sum_squares`, where a factor of exactly
     /// zero drops its term (so a NaN or infinity in the data does not leak through a disabled term).
     ///
     /// ```
-    /// let s = l1l2_core::Sums { sum_abs: f64::NAN, sum_squares: 4.0 };
+    /// let s = l1l2_core::Sums::new(f64::NAN, 4.0);
     /// assert_eq!(s.penalty(0.0, 0.5), 2.0);
     /// ```
     pub fn penalty(&self, l1: f64, l2: f64) -> f64 {
@@ -83,11 +113,19 @@ impl Sums {
     /// so propagates NaN (Keras' `L1(0)` and `L2(0)`).
     ///
     /// ```
-    /// let s = l1l2_core::Sums { sum_abs: f64::NAN, sum_squares: 4.0 };
+    /// let s = l1l2_core::Sums::new(f64::NAN, 4.0);
     /// assert!(s.weighted(Some(0.0), None).is_nan());
     /// assert_eq!(s.weighted(None, Some(0.25)), 1.0);
     /// ```
     pub fn weighted(&self, l1: Option<f64>, l2: Option<f64>) -> f64 {
+        if let Some(scaled) = self.scaled {
+            let (abs, squares, e) = (scaled.abs, scaled.squares, scaled.exponent);
+            let l1_term = l1.map_or(0.0, |factor| extremes::scaled_product(factor, abs, e));
+            let l2_term = l2.map_or(0.0, |factor| {
+                extremes::scaled_product(factor, squares, 2 * e)
+            });
+            return l1_term + l2_term;
+        }
         let l1_term = l1.map_or(0.0, |factor| factor * self.sum_abs);
         let l2_term = l2.map_or(0.0, |factor| factor * self.sum_squares);
         l1_term + l2_term

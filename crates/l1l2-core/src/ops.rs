@@ -13,7 +13,7 @@ use crate::dtype::{with_element, with_float};
 use crate::element::{Float, Reduce};
 use crate::kernels::{dispatch, Kernel, RunSink, Target};
 use crate::layout::{Layout, NoWrite, RowWriter};
-use crate::{parallel, ArrayView, ArrayViewMut, DType, Error, Sums};
+use crate::{extremes, parallel, ArrayView, ArrayViewMut, DType, Error, Sums};
 
 /// Validated regularization factors. `None` leaves a term out; `Some(0.0)` keeps it, so NaN in
 /// the data still shows (Keras' `L1(0)` and `L2(0)`).
@@ -116,23 +116,46 @@ impl<'l> Walk<'l> {
         self.layout.len()
     }
 
-    fn finish(&self, partial: AnyPartial) -> Sums {
-        finish(if self.copies > 1 {
+    fn finish(&self, x: &ArrayView<'_>, partial: AnyPartial) -> Sums {
+        let sums = finish(if self.copies > 1 {
             partial.repeat(self.copies)
         } else {
             partial
-        })
+        });
+        rescued(x, Some(self), sums)
     }
+}
+
+/// `sums`, or for a float64 input at the ends of f64's range the sums of a scaled pass (see
+/// `extremes`) along `walk` (made from `x` when `None`).
+fn rescued(x: &ArrayView<'_>, walk: Option<&Walk<'_>>, sums: Sums) -> Sums {
+    if x.dtype() != DType::F64 || !extremes::needs_rescaling(sums.sum_abs, sums.sum_squares) {
+        return sums;
+    }
+    let own_walk;
+    let walk = match walk {
+        Some(walk) => walk,
+        None => {
+            own_walk = Walk::of(x);
+            &own_walk
+        }
+    };
+    let underflow = sums.sum_squares.is_finite() && sums.sum_abs.is_finite();
+    Sums::from_scaled(extremes::rescaled_sums(
+        x.span::<f64>(),
+        &walk.layout,
+        walk.copies,
+        underflow,
+    ))
 }
 
 /// `sum |x|` and `sum x^2` of one tensor (small ones with no allocation and no pool).
 pub(crate) fn sums_of(x: &ArrayView<'_>) -> Sums {
     let walk = Walk::of(x);
-    walk.finish(parallel::reduce(
-        walk.len(),
-        x.dtype().itemsize(),
-        &|range| with_element!(x.dtype(), |T| reduce_piece::<T>(x, &walk.layout, range)),
-    ))
+    let partial = parallel::reduce(walk.len(), x.dtype().itemsize(), &|range| {
+        with_element!(x.dtype(), |T| reduce_piece::<T>(x, &walk.layout, range))
+    });
+    walk.finish(x, partial)
 }
 
 /// `sum |x|` and `sum x^2` of each tensor, in one parallel region; each has the bits of
@@ -154,8 +177,8 @@ pub fn sums_many(xs: &[ArrayView<'_>]) -> Vec<Sums> {
         ))
     })
     .into_iter()
-    .zip(&walks)
-    .map(|(partial, walk)| walk.finish(partial))
+    .zip(xs.iter().zip(&walks))
+    .map(|(partial, (x, walk))| walk.finish(x, partial))
     .collect()
 }
 
@@ -300,7 +323,7 @@ fn value_and_grad_all(
             // A broadcast input's penalty comes from one copy, repeated (see `Walk`): the bits
             // of `penalty(x)`, which the gradient's own walk would not give.
             let sums = if plan.reduce {
-                finish(partial)
+                rescued(x, None, finish(partial))
             } else {
                 sums_of(x)
             };
@@ -418,10 +441,7 @@ fn check_disjoint(sources: &[Range<usize>], dests: &[Range<usize>]) -> Result<()
 
 fn finish(partial: AnyPartial) -> Sums {
     let (sum_abs, sum_squares) = partial.finish();
-    Sums {
-        sum_abs,
-        sum_squares,
-    }
+    Sums::new(sum_abs, sum_squares)
 }
 
 /// The partial of the flat range `range` of `x`, walked along `layout`.

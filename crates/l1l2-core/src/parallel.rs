@@ -23,8 +23,9 @@
 //! When the caller is already on a rayon worker thread (a Rust service with its own pool), the
 //! reduction runs in the caller's pool.
 
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,13 @@ where
     P: Partial,
     F: Fn(usize, Range<usize>) -> P + Sync,
 {
+    let interrupt = Interrupt::for_this_call(bytes);
+    let leaf = &|tensor: usize, range: Range<usize>| {
+        if interrupt.stopped() {
+            return P::default(); // the call is abandoned: its result is never used
+        }
+        leaf(tensor, range)
+    };
     let tree = |tensor: usize| Tree {
         len: lens[tensor],
         leaf: move |range| leaf(tensor, range),
@@ -133,6 +141,82 @@ where
             })
         })
         .collect()
+}
+
+/// How long a call may run between two looks at its caller's interrupt check.
+const INTERRUPT_PERIOD: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// The interrupt check installed by [`interruptible`] on this thread, and whether it has
+    /// said to stop.
+    static INTERRUPT_CHECK: RefCell<Option<Box<dyn Fn() -> bool>>> = const { RefCell::new(None) };
+    static INTERRUPTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `work` on this thread, asking `check` every 50 ms or so (on this thread) whether to give
+/// up: the Python binding checks for Ctrl-C there. Returns `None` when a check said so: the calls
+/// in `work` then stopped early, and their results (and, for the in-place ops, what they had
+/// written so far) are incomplete.
+///
+/// Inputs under 512 KiB are never interrupted (they take microseconds); larger ones are checked
+/// between chunks of 32 Ki elements on the calling thread, and the workers stop taking chunks
+/// once it has said so.
+pub fn interruptible<R>(check: impl Fn() -> bool + 'static, work: impl FnOnce() -> R) -> Option<R> {
+    /// Puts back what was installed before, also if `work` panics.
+    struct Restore(Option<Box<dyn Fn() -> bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INTERRUPT_CHECK.with(|slot| *slot.borrow_mut() = self.0.take());
+            INTERRUPTED.with(|flag| flag.set(self.1));
+        }
+    }
+    let previous = INTERRUPT_CHECK.with(|slot| slot.borrow_mut().replace(Box::new(check)));
+    let _restore = Restore(previous, INTERRUPTED.with(|flag| flag.replace(false)));
+    let result = work();
+    (!INTERRUPTED.with(Cell::get)).then_some(result)
+}
+
+/// One call's view of its caller's interrupt check.
+struct Interrupt {
+    /// The caller's thread and when it last asked, when the caller installed a check and the
+    /// call is large enough to ask it.
+    checked: Option<(std::thread::ThreadId, Mutex<Instant>)>,
+    stopped: AtomicBool,
+}
+
+impl Interrupt {
+    fn for_this_call(bytes: usize) -> Self {
+        let installed = || INTERRUPT_CHECK.with(|slot| slot.borrow().is_some());
+        Self {
+            checked: (bytes >= PARALLEL_MIN_BYTES && installed())
+                .then(|| (std::thread::current().id(), Mutex::new(Instant::now()))),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the call was told to stop; on the caller's thread, asks the check when it is due.
+    fn stopped(&self) -> bool {
+        if self.stopped.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Some((caller, last)) = &self.checked else {
+            return false;
+        };
+        if std::thread::current().id() != *caller {
+            return false;
+        }
+        let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.elapsed() < INTERRUPT_PERIOD {
+            return false;
+        }
+        let stop = INTERRUPT_CHECK.with(|slot| slot.borrow().as_ref().is_some_and(|check| check()));
+        *last = Instant::now();
+        if stop {
+            INTERRUPTED.with(|flag| flag.set(true));
+            self.stopped.store(true, Ordering::Relaxed);
+        }
+        stop
+    }
 }
 
 /// Chunks of a tensor of `len` elements (an empty tensor has one, empty).
@@ -403,6 +487,25 @@ mod tests {
         ] {
             assert_eq!(reduce(len, 1, &count_leaf).abs, len as u128, "len {len}");
         }
+    }
+
+    #[test]
+    fn a_check_that_says_stop_abandons_the_call() {
+        let done = AtomicUsize::new(0);
+        let slow_leaf = |range: Range<usize>| {
+            std::thread::sleep(Duration::from_millis(2));
+            done.fetch_add(1, Ordering::Relaxed);
+            count_leaf(range)
+        };
+        let chunks = 400; // 800 ms of chunks on one thread; the first check comes after 50 ms
+        let stopped = interruptible(|| true, || reduce(chunks * CHUNK, 8, &slow_leaf));
+        assert!(stopped.is_none());
+        assert!(
+            done.load(Ordering::Relaxed) < chunks / 2,
+            "{done:?} chunks ran"
+        );
+        let finished = interruptible(|| false, || reduce(20 * CHUNK, 8, &slow_leaf));
+        assert_eq!(finished.map(|p| p.abs), Some((20 * CHUNK) as u128));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! each). The lane count is the same on every instruction set, so every ISA adds the same numbers
 //! in the same order and produces the same bits.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::accumulate::{Compensated, ExactPartial, FloatPartial, Partial, U192};
 use crate::element::{Float, Magnitude};
@@ -32,16 +32,31 @@ pub enum Isa {
 }
 
 /// The instruction set the kernels use on this CPU, detected once.
+///
+/// Cached in an atomic rather than a `OnceLock`, as the thread count is (see `parallel`): a child
+/// forked while another thread is detecting it must not wait for that thread.
 pub fn isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(detect_isa)
+    static ISA: AtomicU8 = AtomicU8::new(0);
+    const ISAS: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Baseline];
+    match ISA.load(Ordering::Relaxed) {
+        0 => {
+            let isa = detect_isa();
+            let code = ISAS.iter().position(|&known| known == isa).unwrap_or(2);
+            ISA.store(code as u8 + 1, Ordering::Relaxed);
+            isa
+        }
+        code => ISAS[usize::from(code - 1)],
+    }
 }
 
 /// The best ISA the CPU has, capped by `L1L2_MAX_ISA` (`avx2` or `baseline`; other values are
-/// ignored) or `L1L2_FORCE_BASELINE`, so that tests can run every kernel on one machine.
+/// ignored) or `L1L2_FORCE_BASELINE` (any value but empty or `0`), so that tests can run every
+/// kernel on one machine.
 fn detect_isa() -> Isa {
+    let forced =
+        std::env::var("L1L2_FORCE_BASELINE").is_ok_and(|value| !matches!(value.trim(), "" | "0"));
     let cap = match std::env::var("L1L2_MAX_ISA").as_deref() {
-        _ if std::env::var_os("L1L2_FORCE_BASELINE").is_some() => Isa::Baseline,
+        _ if forced => Isa::Baseline,
         Ok("baseline") => Isa::Baseline,
         Ok("avx2") => Isa::Avx2,
         _ => Isa::Avx512,
