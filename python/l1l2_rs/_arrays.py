@@ -12,28 +12,35 @@ the kernel's lanes start at the first cache-line-aligned element, so the bits of
 on the data's address modulo 64 bytes, and a list converted afresh on every call must give the
 same bits on every call.
 
-Never silently wrong: an object that carries autograd state (a torch tensor that requires grad, a
-JAX tracer, a symbolic or taped TensorFlow tensor, a Keras variable holding one) is refused with a
-``TypeError``: converting it to numpy would compute the value and drop the gradient without a word.
+Never silently wrong: converting an object that carries autograd state (a torch tensor that
+requires grad, a JAX tracer, a symbolic or taped TensorFlow tensor, a Keras variable holding one)
+would compute the value and drop the gradient without a word. A penalty of such an object
+(``penalty_of_unreadable``: the regularizer call and ``penalty``) takes the differentiable path
+``_backend.route`` picks for it; every other operation refuses it with a ``TypeError``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
+from ._backend import differentiable_penalty, refusal, route
 from ._l1l2_rs import NotReadable
 
 _R = TypeVar("_R")
 
-_NO_ADAPTER = (
-    "l1l2_rs computes with numpy and cannot carry gradients back to {framework}; converting it "
-    "would drop the gradient silently. The framework adapters are not part of this release: use "
-    "the framework's own ops for a differentiable penalty, or pass a detached value ({detach})."
-)
+
+def penalty_of_unreadable(
+    native: Callable[..., Any], x: Any, l1: float | None, l2: float | None
+) -> Any:
+    """The penalty of an ``x`` the native kernel could not read: converted to numpy for the
+    kernel when it is a concrete value, else computed by the differentiable backend formula."""
+    path = route(x)
+    if path is None:
+        return native(_readable(x), l1, l2)
+    return differentiable_penalty(path, x, l1, l2)
 
 
 def call(function: Callable[..., _R], x: Any, *args: Any, **kwargs: Any) -> _R:
@@ -56,18 +63,23 @@ def call_many(function: Callable[..., _R], xs: Any, *args: Any, **kwargs: Any) -
 
 def coerce(x: object) -> np.ndarray[Any, np.dtype[Any]]:
     """Return ``x`` as a numpy array the native core can read in place (dtypes are its call)."""
+    if not isinstance(x, np.ndarray):
+        refuse_tracked(x)
+    return _readable(x)
+
+
+def _readable(x: object) -> np.ndarray[Any, np.dtype[Any]]:
+    """``coerce`` of an ``x`` known to carry no autograd state."""
     if isinstance(x, np.ma.MaskedArray):
         # Masked elements are left out, as numpy.ma's reductions leave them out: zeros add
         # nothing to sum(|x|) or sum(x**2), and their gradient is 0.
         array = np.ma.filled(x, 0)
     elif isinstance(x, np.ndarray):
         array = x
+    elif hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
+        array = np.from_dlpack(x)
     else:
-        refuse_tracked(x)
-        if hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
-            array = np.from_dlpack(x)
-        else:
-            array = np.asarray(_detached(x))
+        array = np.asarray(_detached(x))
     dtype = array.dtype
     if dtype.hasobject:
         return array  # the core refuses it with a TypeError that names the dtype
@@ -108,63 +120,15 @@ def _address(array: np.ndarray[Any, np.dtype[Any]]) -> int:
     return address
 
 
-def _framework(x: object) -> str:
-    return (type(x).__module__ or "").split(".", 1)[0]
-
-
 def refuse_tracked(x: object) -> None:
     """Raise ``TypeError`` if converting ``x`` to numpy would drop autograd state."""
-    framework = _framework(x)
-    if framework == "torch":
-        torch = sys.modules["torch"]
-        if getattr(x, "requires_grad", False) and torch.is_grad_enabled():
-            raise TypeError(
-                "l1l2_rs: got a torch tensor that requires grad. "
-                + _NO_ADAPTER.format(framework="PyTorch", detach="x.detach()")
-            )
-    elif framework in ("jax", "jaxlib"):
-        if any(
-            cls.__name__ == "Tracer" and cls.__module__.startswith("jax") for cls in type(x).__mro__
-        ):
-            raise TypeError(
-                "l1l2_rs: got a JAX tracer (inside jax.jit, jax.grad or jax.vmap). "
-                + _NO_ADAPTER.format(framework="JAX", detach="a concrete array outside the trace")
-            )
-    elif framework == "tensorflow":
-        if not hasattr(x, "numpy"):
-            raise TypeError(
-                "l1l2_rs: got a symbolic TensorFlow tensor (inside tf.function or a graph). "
-                + _NO_ADAPTER.format(framework="TensorFlow", detach="run eagerly")
-            )
-        if _tensorflow_recording():
-            raise TypeError(
-                "l1l2_rs: got a TensorFlow tensor while a GradientTape is recording. "
-                + _NO_ADAPTER.format(framework="TensorFlow", detach="tf.stop_gradient(x).numpy()")
-            )
-    elif framework in ("keras", "tf_keras") and hasattr(x, "value"):
-        # A Keras variable: what it holds decides (a torch parameter, a tracer, a TF variable).
-        value = x.value
-        if value is not x:
-            refuse_tracked(value)
-            if framework == "tf_keras" or _framework(value) == "tensorflow":
-                return
-        if _tensorflow_recording():
-            raise TypeError(
-                "l1l2_rs: got a Keras variable while a GradientTape is recording. "
-                + _NO_ADAPTER.format(framework="Keras", detach="ops.stop_gradient")
-            )
+    if route(x) is not None:
+        raise TypeError(refusal(x))
 
 
 def _detached(x: object) -> object:
     """A torch tensor that requires grad outside autograd (``torch.no_grad``) is read detached."""
-    if _framework(x) == "torch" and getattr(x, "requires_grad", False):
+    if type(x).__module__.startswith("torch") and getattr(x, "requires_grad", False):
         detach: Callable[[], object] = x.detach  # type: ignore[attr-defined]
         return detach()
     return x
-
-
-def _tensorflow_recording() -> bool:
-    """Whether a TensorFlow GradientTape is recording on this thread (without importing TF)."""
-    eager = sys.modules.get("tensorflow.python.pywrap_tfe")
-    tape_set_is_empty = getattr(eager, "TFE_Py_TapeSetIsEmpty", None)
-    return tape_set_is_empty is not None and not tape_set_is_empty()

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import _l1l2_rs
-from ._arrays import call, call_many, coerce
+from . import _keras_registry, _l1l2_rs
+from ._arrays import call, call_many, penalty_of_unreadable
 from ._l1l2_rs import NotReadable
 from ._l1l2_rs import penalty as _native_penalty
 from ._l1l2_rs import value_and_grad as _native_value_and_grad
@@ -50,6 +50,8 @@ __all__ = [
 Penalty = Any
 
 _KERAS_MODULE = "keras.regularizers"
+#: The package our built-in classes are registered under with Keras ("l1l2_rs>L1L2").
+_KERAS_PACKAGE = "l1l2_rs"
 _MISSING: Any = object()
 
 
@@ -127,8 +129,8 @@ class _Builtin(Regularizer):
         l1, l2 = self._terms()
         try:  # inlined `call`: this is the small-call path
             return _native_penalty(x, l1, l2)
-        except NotReadable:
-            return _native_penalty(coerce(x), l1, l2)
+        except NotReadable:  # not a numpy array: converted, or a traced / differentiable tensor
+            return penalty_of_unreadable(_native_penalty, x, l1, l2)
 
     def grad(self, x: Any, *, out: Any = None) -> Any:
         """The gradient of the penalty at ``x``, written into ``out`` (a new array when None)."""
@@ -244,8 +246,13 @@ def _l1l2_terms(l1: object, l2: object) -> tuple[float | None, float | None]:
 
 
 def penalty(x: Any, l1: float | None = 0.0, l2: float | None = 0.0) -> Penalty:
-    """``L1L2(l1, l2)(x)`` without building an object: a numpy scalar of ``x``'s float dtype."""
-    return call(_native_penalty, x, *_l1l2_terms(l1, l2))
+    """``L1L2(l1, l2)(x)`` without building an object: a numpy scalar of ``x``'s float dtype (a
+    backend tensor for a traced or differentiable ``x``, as the regularizer call)."""
+    terms = _l1l2_terms(l1, l2)
+    try:
+        return _native_penalty(x, *terms)
+    except NotReadable:
+        return penalty_of_unreadable(_native_penalty, x, *terms)
 
 
 def sums(x: Any) -> tuple[float, float]:
@@ -366,6 +373,7 @@ def register_regularizer(
             )
         _REGISTERED[key] = cls
         cls._l1l2_registered_name = key  # type: ignore[attr-defined]
+        _keras_registry.register(cls, key)
         return cls
 
     return decorator
@@ -389,6 +397,9 @@ def _find_class(
         return found
     if name in _REGISTERED:
         return _REGISTERED[name]
+    package, _, bare_name = name.rpartition(">")
+    if package == _KERAS_PACKAGE and bare_name in _BUILTIN_CLASSES:
+        return _BUILTIN_CLASSES[bare_name]  # the key Keras writes for our classes
     by_bare_name = [cls for key, cls in _REGISTERED.items() if key.split(">", 1)[1] == name]
     if len(by_bare_name) == 1:
         return by_bare_name[0]
@@ -398,7 +409,10 @@ def _find_class(
 def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]:
     """The config dict of a regularizer: Keras 3's format, or TF 2.4's with ``format="tf2"``.
 
-    Built-in classes serialize under ``module: "keras.regularizers"`` so that Keras loads them.
+    Built-in classes serialize under Keras' own names (``module: "keras.regularizers"``): a
+    portable config that Keras alone loads as its class, and ``deserialize`` as ours. Keras itself
+    (a layer's ``get_config``, ``.keras`` files, ``clone_model``) writes our classes under their
+    registered key ``"l1l2_rs>L1L2"`` and loads them back as l1l2_rs' classes.
     """
     if format not in ("keras3", "tf2"):
         raise ValueError(f"format must be 'keras3' or 'tf2', got {format!r}")
@@ -494,3 +508,13 @@ def get(identifier: Any) -> Regularizer | Callable[..., Any] | None:
         function: Callable[..., Any] = identifier
         return function
     raise ValueError(f"Could not interpret regularizer identifier: {identifier!r}")
+
+
+def _register_with_keras() -> None:
+    """Make Keras 3 and tf-keras save and load the built-in classes as ours (lazily)."""
+    for cls in _BUILTIN_CLASSES.values():
+        _keras_registry.register(cls, f"{_KERAS_PACKAGE}>{cls.__name__}")
+    _keras_registry.install()
+
+
+_register_with_keras()
