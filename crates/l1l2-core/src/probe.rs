@@ -17,6 +17,9 @@ impl Partial for Xor {
     fn merge(self, other: Self) -> Self {
         Self(self.0 ^ other.0)
     }
+    fn repeat(self, copies: u64) -> Self {
+        Self(if copies % 2 == 1 { self.0 } else { 0 }) // x ^ x = 0
+    }
     fn finish(self) -> (f64, f64) {
         (0.0, 0.0)
     }
