@@ -15,6 +15,10 @@ use crate::errors::{to_py, Names, MANY, SINGLE};
 /// Below this many elements the call is over before releasing the GIL would pay off.
 const DETACH_MIN_LEN: usize = 1 << 13;
 
+/// From this many elements (8 Mi: milliseconds of work or more) a call looks for Ctrl-C while it
+/// runs; shorter ones skip the few microseconds that costs.
+const INTERRUPTIBLE_MIN_LEN: usize = 1 << 23;
+
 /// Runs `work` with the GIL released, unless the input is too small for that to pay.
 fn detach_if_large<R: Send>(
     py: Python<'_>,
@@ -23,6 +27,12 @@ fn detach_if_large<R: Send>(
 ) -> PyResult<R> {
     if len < DETACH_MIN_LEN {
         return Ok(work());
+    }
+    if len < INTERRUPTIBLE_MIN_LEN {
+        // Over in milliseconds: long before the first look for Ctrl-C would come (50 ms).
+        let result = py.detach(work);
+        warn_of_pool_error(py)?;
+        return Ok(result);
     }
     // Ctrl-C is checked every 50 ms or so while the GIL is released; the exception it raised
     // (KeyboardInterrupt, or whatever the signal handler raised) replaces the result.
@@ -40,18 +50,20 @@ fn detach_if_large<R: Send>(
         };
         l1l2_core::parallel::interruptible(check, work)
     });
-    if let Some(message) = l1l2_core::parallel::take_pool_error() {
-        PyErr::warn(
-            py,
-            &py.get_type::<PyRuntimeWarning>(),
-            &CString::new(message)?,
-            1,
-        )?;
-    }
+    warn_of_pool_error(py)?;
     result.ok_or_else(|| {
         let error = raised.lock().unwrap_or_else(PoisonError::into_inner).take();
         error.unwrap_or_else(|| PyKeyboardInterrupt::new_err("l1l2_rs: interrupted"))
     })
+}
+
+/// A `RuntimeWarning` if the thread pool could not be started (once per failure).
+fn warn_of_pool_error(py: Python<'_>) -> PyResult<()> {
+    if let Some(message) = l1l2_core::parallel::take_pool_error() {
+        let category = py.get_type::<PyRuntimeWarning>();
+        PyErr::warn(py, &category, &CString::new(message)?, 1)?;
+    }
+    Ok(())
 }
 
 fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
