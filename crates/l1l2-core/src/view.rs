@@ -43,6 +43,7 @@ impl Raw {
         ))
     }
 
+    /// A view whose `layout` was already validated against the span.
     #[inline]
     fn with_layout(
         base: *mut u8,
