@@ -20,6 +20,20 @@ import pytest
 
 import l1l2_rs
 
+
+def _python(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """The standard output of ``script`` run by a fresh interpreter (which must succeed)."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    return result.stdout
+
+
 FORK_TRIAL = textwrap.dedent(
     """
     import os, signal, sys, threading
@@ -68,14 +82,7 @@ FORK_TRIAL = textwrap.dedent(
 def test_fork_during_a_first_call_never_hangs_the_child(kind: str) -> None:
     forks = hung = 0
     for _ in range(4):
-        result = subprocess.run(
-            [sys.executable, "-c", FORK_TRIAL, kind],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        count, stuck = map(int, result.stdout.split())
+        count, stuck = map(int, _python(FORK_TRIAL, kind).split())
         forks += count
         hung += stuck
     assert forks >= 20
@@ -110,15 +117,7 @@ def _probe(*args: str, env: dict[str, str] | None = None) -> dict[str, object]:
         k: v for k, v in os.environ.items() if k not in ("L1L2_NUM_THREADS", "RAYON_NUM_THREADS")
     }
     full_env.update(env or {})
-    result = subprocess.run(
-        [sys.executable, "-c", THREADS_PROBE, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=full_env,
-        check=True,
-    )
-    probe: dict[str, object] = json.loads(result.stdout)
+    probe: dict[str, object] = json.loads(_python(THREADS_PROBE, *args, env=full_env))
     return probe
 
 
@@ -196,17 +195,11 @@ INTERRUPT_PROBE = textwrap.dedent(
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
 @pytest.mark.parametrize("call", ["sums_many", "penalty_many"])
 def test_ctrl_c_interrupts_a_long_call(call: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", INTERRUPT_PROBE, call],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    outcome, seconds = result.stdout.split()
-    assert outcome == "interrupted", result.stdout
+    output = _python(INTERRUPT_PROBE, call)
+    outcome, seconds = output.split()
+    assert outcome == "interrupted", output
     # The signal comes at 0.5 s; the call notices it within about 50 ms of work.
-    assert float(seconds) < 1.5, result.stdout
+    assert float(seconds) < 1.5, output
 
 
 HANDLER_PROBE = textwrap.dedent(
@@ -228,8 +221,4 @@ HANDLER_PROBE = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
 def test_a_signal_handler_may_call_l1l2_rs_during_a_long_call() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", HANDLER_PROBE], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["3000000000.0", "[1000000.0]"]
+    assert _python(HANDLER_PROBE).split() == ["3000000000.0", "[1000000.0]"]
