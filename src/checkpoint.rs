@@ -38,7 +38,13 @@ fn layout(path: &str) -> PyResult<Vec<TensorEntry>> {
             let (start, end) = info.data_offsets;
             let dtype = info.dtype.to_string();
             let shape = info.shape.clone();
-            (name, dtype, shape, data_start + start as u64, data_start + end as u64)
+            (
+                name,
+                dtype,
+                shape,
+                data_start + start as u64,
+                data_start + end as u64,
+            )
         })
         .collect();
     Ok(entries)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -111,8 +112,17 @@ class _Progress:
                 "l1l2: no progress bar: tqdm is not installed (pip install tqdm)", file=sys.stderr
             )
             return
+        # A terminal that reports no size (0 columns) would get an empty bar from tqdm.
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns or 80
         self._bar = tqdm.tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=False,
+            ncols=columns,
         )
 
     def advance(self, nbytes: int) -> None:

@@ -36,7 +36,7 @@ import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -157,7 +157,7 @@ def expand(arguments: Iterable[str]) -> Inputs:
 
 
 def _search(directory: str) -> list[str]:
-    found = []
+    found: list[str] = []
     for root, directories, names in os.walk(directory):
         directories.sort()
         found.extend(os.path.join(root, name) for name in sorted(names) if _known(name))
@@ -170,7 +170,7 @@ def _known(name: str) -> bool:
 
 def _without_repeats(files: list[str]) -> list[str]:
     """``files`` without second mentions of a file, nor the shards an index among them lists."""
-    sharded = set()
+    sharded: set[str] = set()
     for path in files:
         if path.endswith(".index.json"):
             with contextlib.suppress(OSError, ValueError, CheckpointError):
@@ -251,18 +251,12 @@ def read_shard(checkpoint: Checkpoint, stack: contextlib.ExitStack) -> None:
     )
 
 
-def _map(path: str, stack: contextlib.ExitStack) -> Array:
+def _map(path: str) -> Array:
     """The whole file as a read-only uint8 memory map (an empty file: an empty array)."""
     if os.path.getsize(path) == 0:
         return np.empty(0, np.uint8)
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    stack.callback(_close_map, mapped)
-    return mapped
-
-
-def _close_map(mapped: np.memmap[Any, Any]) -> None:
-    # Views of the map may outlive it in a traceback; the mapping goes with the last of them.
-    mapped._mmap = None  # type: ignore[attr-defined]
+    # Unmapped when the last view of it goes, after the file's tensors are summed.
+    return np.memmap(path, dtype=np.uint8, mode="r")
 
 
 def _view(mapped: Array, start: int, dtype: np.dtype[Any], count: int) -> Array:
@@ -279,7 +273,7 @@ def _read_safetensors(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
         layout = safetensors_layout(path)
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    mapped = _map(path, stack)
+    mapped = _map(path)
     tensors = []
     for name, dtype_name, shape, start, end in layout:
         numpy_dtype = _safetensors_dtype(dtype_name)
@@ -308,7 +302,8 @@ def _bfloat16() -> np.dtype[Any] | None:
     """numpy's bfloat16 dtype from ml_dtypes, which the core reads; None without ml_dtypes."""
     if importlib.util.find_spec("ml_dtypes") is None:
         return None
-    return np.dtype(importlib.import_module("ml_dtypes").bfloat16)
+    bfloat16: np.dtype[Any] = np.dtype(importlib.import_module("ml_dtypes").bfloat16)
+    return bfloat16
 
 
 def _unreadable(dtype_name: str) -> str:
@@ -324,7 +319,14 @@ def _unreadable(dtype_name: str) -> str:
 # .npy and .npz
 
 
-def _npy_header(file: BinaryIO, size: int, what: str) -> tuple[np.dtype[Any], tuple[int, ...]]:
+class _Stream(Protocol):
+    """A binary file or zip member: what the npy header readers need."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+    def tell(self) -> int: ...
+
+
+def _npy_header(file: _Stream, size: int, what: str) -> tuple[np.dtype[Any], tuple[int, ...]]:
     """The dtype and shape of the npy data at ``file``'s position, which is left at the data;
     ``size`` is the number of bytes from the header's start to the end of the file or member."""
     start = file.tell()
@@ -358,7 +360,6 @@ def _read_npy(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
             raise CheckpointError("empty file (no .npy header)")
         dtype, shape = _npy_header(file, os.fstat(file.fileno()).st_size, ".npy")
     array = np.load(path, mmap_mode="r", allow_pickle=False)
-    stack.callback(_close_map, array)
     return [Tensor(os.path.basename(path), dtype, shape, array=array)]
 
 
@@ -367,7 +368,7 @@ def _read_npz(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
         archive = stack.enter_context(zipfile.ZipFile(path))
     except zipfile.BadZipFile as error:
         raise CheckpointError(f"not a zip archive: {error}") from None
-    mapped = _map(path, stack)
+    mapped = _map(path)
     file = stack.enter_context(open(path, "rb"))
     tensors = []
     for member in archive.infolist():
@@ -384,8 +385,8 @@ def _npz_member(
 ) -> Tensor:
     if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:
         with archive.open(member) as stream:
-            dtype, shape = _npy_header(stream, member.file_size, "member")  # type: ignore[arg-type]
-        return Tensor(name, dtype, shape, pieces=lambda: _npz_pieces(archive, member))
+            dtype, shape = _npy_header(stream, member.file_size, "member")
+        return Tensor(name, dtype, shape, pieces=functools.partial(_npz_pieces, archive, member))
     start = zip_member_start(file, member)
     file.seek(start)
     dtype, shape = _npy_header(file, member.file_size, "member")
@@ -402,13 +403,14 @@ def zip_member_start(file: BinaryIO, member: zipfile.ZipInfo) -> int:
     signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(header)
     if signature != _ZIP_LOCAL_SIGNATURE:
         raise CheckpointError(f"{member.filename}: malformed zip member header")
-    return member.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
+    start: int = member.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
+    return start
 
 
 def _npz_pieces(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> Iterator[Array]:
     """A compressed member's data, decompressed a piece at a time."""
     with archive.open(member) as stream:
-        dtype, shape = _npy_header(stream, member.file_size, "member")  # type: ignore[arg-type]
+        dtype, shape = _npy_header(stream, member.file_size, "member")
         remaining = math.prod(shape)
         per_piece = max(1, PIECE_BYTES // max(dtype.itemsize, 1))
         while remaining:
@@ -438,7 +440,7 @@ def _read_h5(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
         h5 = stack.enter_context(h5py.File(path, "r"))
     except OSError as error:
         raise CheckpointError(f"not a readable HDF5 file: {error}") from None
-    return _h5_tensors(h5, _map(path, stack), 0)
+    return _h5_tensors(h5, _map(path), 0)
 
 
 def _read_keras(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
@@ -454,7 +456,7 @@ def _read_keras(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
         return _h5_tensors(h5, None, 0)  # compressed: read through h5py
     with open(path, "rb") as file:
         start = zip_member_start(file, member)
-    return _h5_tensors(h5, _map(path, stack), start, start + member.file_size)
+    return _h5_tensors(h5, _map(path), start, start + member.file_size)
 
 
 def _h5_tensors(h5: Any, mapped: Array | None, base: int, end: int | None = None) -> list[Tensor]:
@@ -483,7 +485,9 @@ def _h5_tensors(h5: Any, mapped: Array | None, base: int, end: int | None = None
                 continue
             tensors.append(Tensor(name, dtype, shape, array=_view(mapped, start, dtype, count)))
         else:
-            tensors.append(Tensor(name, dtype, shape, pieces=lambda d=dataset: _h5_pieces(d)))
+            tensors.append(
+                Tensor(name, dtype, shape, pieces=functools.partial(_h5_pieces, dataset))
+            )
     return tensors
 
 
