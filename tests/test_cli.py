@@ -421,6 +421,25 @@ def test_unsupported_dtypes_are_per_tensor(tmp_path: Path, rng: np.random.Genera
     assert_total(document["total"], [kernel, kernel])
 
 
+def test_unaligned_and_byte_swapped_data_is_read_in_pieces(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    kernel = rng.standard_normal(1000).astype(np.float32)
+    header = {
+        "flag": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "kernel": {"dtype": "F32", "shape": [1000], "data_offsets": [1, 4001]},
+    }
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(safetensors_bytes(header, b"\x07" + kernel.tobytes()))
+    with contextlib.ExitStack() as stack:
+        (checkpoint,) = read(str(path), stack)
+        array = checkpoint.tensors[1].array
+        assert array is not None and not array.flags.aligned
+    document, out = run_json("--filter", "kernel", str(path))
+    assert out.returncode == 0, out.stderr
+    assert_exact(tensors_of(document, path)["kernel"], kernel)
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.ones(3))
     for args in [["--l1", "-1"], ["--l2", "nan"], ["--top", "0"], ["--top", "x"], ["--bogus"]]:
