@@ -213,6 +213,24 @@ def test_torch_files(tmp_path: Path, rng: np.random.Generator) -> None:
     }
 
 
+def test_sharded_torch_checkpoint(tmp_path: Path, rng: np.random.Generator) -> None:
+    first = rng.standard_normal((4, 5)).astype(np.float32)
+    second = rng.standard_normal(9)
+    torch.save({"first": torch.from_numpy(first)}, tmp_path / "pytorch_model-1.bin")
+    torch.save({"second": torch.from_numpy(second)}, tmp_path / "pytorch_model-2.bin")
+    weight_map = {"first": "pytorch_model-1.bin", "second": "pytorch_model-2.bin"}
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    document, out = run_json(str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert [(Path(f["path"]).name, f["format"]) for f in document["files"]] == [
+        ("pytorch_model-1.bin", "torch"),
+        ("pytorch_model-2.bin", "torch"),
+    ]
+    assert_exact(tensors_of(document, tmp_path / "pytorch_model-1.bin")["first"], first)
+    assert_exact(tensors_of(document, tmp_path / "pytorch_model-2.bin")["second"], second)
+
+
 def write_shards(tmp_path: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
     arrays = sample(rng)
     del arrays["steps"]

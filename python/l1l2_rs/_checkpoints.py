@@ -11,8 +11,9 @@ whole file into memory.
 - ``.npz``: stored members are mapped at their offset in the zip file (the npy header is parsed
   with ``numpy.lib.format``); compressed members are decompressed in pieces.
 - ``.safetensors``: the header is parsed and validated by the ``safetensors`` crate
-  (``_l1l2_rs.safetensors_layout``), the file mapped once with numpy, each tensor a view of it;
-  ``*.safetensors.index.json`` stands for the shards it lists.
+  (``_l1l2_rs.safetensors_layout``), the file mapped once with numpy, each tensor a view of it.
+- ``*.index.json`` (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) stands for
+  the shards its ``weight_map`` lists, each read by its own ending.
 - ``.h5`` / ``.weights.h5`` (h5py): contiguous datasets are mapped at ``ds.id.get_offset()``;
   chunked, compressed or unallocated ones are read through h5py, one chunk or slab at a time.
 - ``.keras``: the ``model.weights.h5`` member, mapped at the member's offset plus the dataset's
@@ -50,6 +51,7 @@ PIECE_BYTES = 16 << 20
 #: File name endings of the formats read, as found in directories.
 _SUFFIXES = (
     ".safetensors.index.json",
+    ".bin.index.json",
     ".safetensors",
     ".npy",
     ".npz",
@@ -204,10 +206,15 @@ def read(path: str, stack: contextlib.ExitStack) -> list[Checkpoint]:
     open (mapped) until ``stack`` closes. ``CheckpointError`` or ``OSError`` if it is unreadable."""
     if path.endswith(".index.json"):
         return _read_index(path)
+    reader, format_name = _reader(path)
+    return [Checkpoint(path, format_name, reader(path, stack))]
+
+
+def _reader(path: str) -> tuple[Callable[[str, contextlib.ExitStack], list[Tensor]], str]:
     name = os.path.basename(path)
     for suffixes, reader, format_name in _READERS:
         if name.endswith(suffixes):
-            return [Checkpoint(path, format_name, reader(path, stack))]
+            return reader, format_name
     raise CheckpointError(f"unknown file type (expected one of {', '.join(_SUFFIXES)})")
 
 
@@ -232,16 +239,24 @@ def _read_index(index_path: str) -> list[Checkpoint]:
     """The shards of an index, each still to be read (``read_shard``) with the names the index
     says it holds."""
     shards, located = _shards(index_path)
-    checkpoints = {shard: Checkpoint(shard, "safetensors shard", pending=True) for shard in shards}
+    checkpoints = {shard: Checkpoint(shard, _format(shard), pending=True) for shard in shards}
     for name, shard in located.items():
         checkpoints[shard].listed.append(name)
     return list(checkpoints.values())
 
 
+def _format(path: str) -> str:
+    try:
+        return _reader(path)[1]
+    except CheckpointError:
+        return "unknown"
+
+
 def read_shard(checkpoint: Checkpoint, stack: contextlib.ExitStack) -> None:
     """Read a shard of an index: its tensors, and an error for every tensor the index lists in it
     that it does not hold."""
-    checkpoint.tensors = _read_safetensors(checkpoint.path, stack)
+    reader, _ = _reader(checkpoint.path)
+    checkpoint.tensors = reader(checkpoint.path, stack)
     checkpoint.pending = False
     held = {tensor.name for tensor in checkpoint.tensors}
     checkpoint.errors.extend(
