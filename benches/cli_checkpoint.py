@@ -1,4 +1,4 @@
-"""`l1l2 model.safetensors` against `cat model.safetensors > /dev/null`, both from a warm page cache.
+"""`l1l2 model.safetensors` against `cat model.safetensors > /dev/null`, from a warm page cache.
 
 Writes a 4 GiB float32 .safetensors file (random normal weights, in a temporary directory that is
 deleted afterwards), reads it once with `cat` to bring it into the page cache, then times each
