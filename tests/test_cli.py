@@ -512,6 +512,20 @@ def test_filter_top_and_non_finite_values(tmp_path: Path) -> None:
     assert tensors_of(document, path)["dec.nan"]["penalty"] == "nan"
 
 
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    np.savez(tmp_path / "many.npz", **{f"w{i}": np.ones(3) for i in range(3000)})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "l1l2_rs", str(tmp_path / "many.npz")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # as `| head` does once it has its lines
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 1
+    assert stderr == "", stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Large inputs: memory, progress bar.
 

@@ -6,7 +6,7 @@ endings) and glob patterns are read without copying where the format allows (``_
 summed by the core (``_penalties``) and printed as a table or, with ``--json``, as one JSON
 document (``cli_schema.json``). Problems are one line each on stderr,
 ``l1l2: <file>: <tensor>: <what>``; the other files are still reported. Exit status: 0, 1 if any
-file or tensor had a problem, 2 for bad arguments.
+file or tensor had a problem (or stdout was closed early), 2 for bad arguments, 130 on Ctrl-C.
 
 Without files, a model-sized set of float32 weights is generated and the penalty and its time are
 printed next to numpy's (``_demo``).
@@ -36,7 +36,7 @@ formats: .npy, .npz, .safetensors, *.safetensors.index.json (its shards), .h5 / 
 Tensor data is memory-mapped, not copied, wherever the format stores it as plain bytes.
 
 exit status: 0 all read; 1 a file or tensor could not be read, or a tensor is not float (it is
-listed, summed exactly, but left out of the totals); 2 bad arguments.
+listed, summed exactly, but left out of the totals); 2 bad arguments; 130 interrupted (Ctrl-C).
 """
 
 
@@ -234,12 +234,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return 0
-    report = _compute(arguments, regularizer)
-    if arguments.json:
-        json.dump(as_json(report, arguments.top), sys.stdout, indent=2, allow_nan=False)
-        print()
-    else:
-        _print_table(report, arguments.top, sys.stdout)
+    try:
+        report = _compute(arguments, regularizer)
+        if arguments.json:
+            json.dump(as_json(report, arguments.top), sys.stdout, indent=2, allow_nan=False)
+            print()
+        else:
+            _print_table(report, arguments.top, sys.stdout)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("l1l2: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`l1l2 ... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 1 if report.problems else 0
 
 
