@@ -13,6 +13,7 @@ __all__ = [
     "penalty_many",
     "prox_",
     "prox_many_",
+    "safetensors_layout",
     "set_num_threads",
     "simd_isa",
     "sums",
@@ -53,6 +54,10 @@ def prox_many_(xs: object, lr: float, l1: float | None, l2: float | None) -> Any
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_isa() -> str: ...
+def safetensors_layout(path: str) -> list[tuple[str, str, list[int], int, int]]:
+    """The tensors of a ``.safetensors`` file in file order: (name, dtype, shape, start, end), the
+    byte range absolute in the file; ``ValueError`` for a malformed header."""
+
 def xla_ffi_handlers() -> tuple[dict[str, Any], tuple[int, int]]:
     """The XLA FFI handlers by target name (PyCapsules for ``jax.ffi.register_ffi_target``,
     platform "cpu") and the XLA FFI API version they were written against."""
