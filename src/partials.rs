@@ -26,9 +26,7 @@ impl SumsPartial {
     #[staticmethod]
     fn of(x: &Bound<'_, PyAny>) -> PyResult<Self> {
         let view = read_view(x)?;
-        let partial = detach_if_large(x.py(), view.len(), || {
-            l1l2_core::SumsPartial::of(&view)
-        })?;
+        let partial = detach_if_large(x.py(), view.len(), || l1l2_core::SumsPartial::of(&view))?;
         Ok(Self(partial))
     }
 

@@ -22,7 +22,6 @@ would compute the value and drop the gradient without a word. A penalty of such 
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 

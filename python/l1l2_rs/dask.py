@@ -39,6 +39,9 @@ from ._arrays import call, coerce
 from ._l1l2_rs import SumsPartial
 from .regularizers import _factor, _l1l2_terms
 
+#: Dask's array functions, called untyped (Dask's annotations are partial).
+_dask: Any = da
+
 __all__ = ["SumsPartial", "partial_sums", "penalty", "prox", "sums", "value_and_grad"]
 
 #: Partials merged per node of the reduction tree: fixed, so that the tree (and with it the
@@ -66,10 +69,11 @@ def sums(x: da.Array, *, split_every: int | None = None) -> tuple[da.Array, da.A
     """``(sum(|x|), sum(x**2))`` as two lazy 0-d float64 Dask arrays of one reduction
     (``dask.compute(*sums(x))`` reads ``x`` once)."""
     merged = partial_sums(x, split_every=split_every)
-    return tuple(  # type: ignore[return-value]
-        merged.map_blocks(_sum_of, index, dtype=np.float64, meta=np.float64(0.0))
+    sum_abs, sum_squares = (
+        _dask.map_blocks(_sum_of, merged, index, dtype=np.float64, meta=np.empty((), np.float64))
         for index in (0, 1)
     )
+    return sum_abs, sum_squares
 
 
 def value_and_grad(
@@ -87,7 +91,7 @@ def value_and_grad(
     _check_float(x, "value_and_grad")
     scale = _finite("scale", scale)
     value = _penalty(x, *terms, split_every=split_every)
-    gradient = x.map_blocks(_grad_block, x.dtype, *terms, scale, dtype=x.dtype)
+    gradient: da.Array = _dask.map_blocks(_grad_block, x, x.dtype, *terms, scale, dtype=x.dtype)
     return value, gradient
 
 
@@ -97,7 +101,8 @@ def prox(x: da.Array, lr: float, l1: float | None = 0.0, l2: float | None = 0.0)
     terms = _l1l2_terms(l1, l2)
     _check_float(x, "prox")
     lr = _factor("lr", lr, 0.0)
-    return x.map_blocks(_prox_block, x.dtype, lr, *terms, dtype=x.dtype)
+    stepped: da.Array = _dask.map_blocks(_prox_block, x, x.dtype, lr, *terms, dtype=x.dtype)
+    return stepped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ def _reduce(x: da.Array, finish: Any, dtype: np.dtype[Any], split_every: int | N
     if isinstance(every, bool) or not isinstance(every, int) or every < 2:
         raise ValueError(f"split_every must be an int >= 2, got {split_every!r}")
     meta = np.empty((), dtype=dtype)
-    return da.reduction(
+    reduced: da.Array = _dask.reduction(
         x,
         partial(_chunk_partial, dtype=x.dtype),
         partial(_aggregate, finish=finish),
@@ -129,6 +134,7 @@ def _reduce(x: da.Array, finish: Any, dtype: np.dtype[Any], split_every: int | N
         meta=meta,
         name="l1l2-partial-sums",
     )
+    return reduced
 
 
 def _chunk_partial(block: Any, *_: Any, dtype: np.dtype[Any], **__: Any) -> SumsPartial:
@@ -166,7 +172,7 @@ def _penalty_of(
     return result.type(partial.penalty(l1, l2))
 
 
-def _sum_of(partial: SumsPartial, index: int) -> np.float64:
+def _sum_of(partial: SumsPartial, index: int) -> Any:
     return np.float64(partial.sums()[index])
 
 
