@@ -387,12 +387,15 @@ where
         let mut start = range.start;
         while start < range.end {
             let len = GATHER_LEN.min(range.end - start);
-            let in_place = runs
+            let values = match runs
                 .contiguous(start)
                 .map(|first| &span[first..first + len])
-                .filter(|values| (values.as_ptr() as usize) % 64 == 0);
-            let values = match in_place {
-                Some(values) => values,
+            {
+                Some(values) if (values.as_ptr() as usize) % 64 == 0 => values,
+                Some(values) => {
+                    block.0[..len].copy_from_slice(values);
+                    &block.0[..len]
+                }
                 None => {
                     runs.gather(span, start, &mut block.0[..len]);
                     &block.0[..len]
@@ -468,8 +471,14 @@ impl CRuns {
         while filled < out.len() {
             let take = (row_len - index[ndim - 1]).min(out.len() - filled);
             let first = position(&index);
-            for (k, target) in out[filled..filled + take].iter_mut().enumerate() {
-                *target = span[(first + k as isize * row_stride) as usize];
+            let targets = &mut out[filled..filled + take];
+            if row_stride == 1 {
+                let first = first as usize;
+                targets.copy_from_slice(&span[first..first + take]);
+            } else {
+                for (k, target) in targets.iter_mut().enumerate() {
+                    *target = span[(first + k as isize * row_stride) as usize];
+                }
             }
             filled += take;
             // Next row: carry the multi-index.
