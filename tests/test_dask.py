@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import pickle
+import subprocess
 import sys
 from collections.abc import Iterator
 from fractions import Fraction
@@ -262,6 +264,25 @@ def test_partial_pickles_merges_and_rejects_malformed_bytes() -> None:
         SumsPartial.of(np.ones(2, np.float32)).merge(left)
     with pytest.raises(TypeError, match="complex"):
         SumsPartial.of(np.ones(2, np.complex64))
+
+
+def test_partials_have_the_same_bits_on_every_kernel() -> None:
+    # Workers on machines with AVX-512, AVX2 or neither compute the same partials.
+    code = (
+        "import numpy as np; from l1l2_rs import SumsPartial; "
+        "x = np.random.default_rng(9).standard_normal(300_001); "
+        "print(SumsPartial.of(x[1:]).to_bytes().hex(), "
+        "SumsPartial.of(x.astype(np.float32)).to_bytes().hex(), "
+        "SumsPartial.of(x.astype(np.float16)).to_bytes().hex())"
+    )
+    outputs = set()
+    for isa in ("avx512", "avx2", "baseline"):
+        env = {**os.environ, "L1L2_MAX_ISA": isa}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.add(run.stdout)
+    assert len(outputs) == 1
 
 
 # ---------------------------------------------------------------------------------------------
