@@ -86,7 +86,8 @@ def value_and_grad(
 ) -> tuple[da.Array, da.Array]:
     """``(penalty(x, l1, l2), scale * gradient)``: the gradient ``l1 * sign(x) + 2 * l2 * x`` is a
     lazy Dask array with ``x``'s chunks, each chunk with the bits of ``l1l2_rs.value_and_grad``
-    on it. Computing both reads each chunk of ``x`` twice (persist an expensive ``x`` first)."""
+    on it. ``dask.compute(value, gradient)`` makes each chunk of ``x`` once and reads it twice
+    (once per output); computed one after the other, ``x`` is made twice (persist it first)."""
     terms = _l1l2_terms(l1, l2)
     _check_float(x, "value_and_grad")
     scale = _finite("scale", scale)
