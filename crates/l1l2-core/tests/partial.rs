@@ -195,3 +195,64 @@ fn encoding_round_trips_and_rejects_garbage() {
     let max = SumsPartial::from_bytes(&max).unwrap();
     assert!(matches!(max.merge(&max), Err(Error::InvalidPartial { .. })));
 }
+
+/// The elements a strided view addresses, in C order (the reference the partial must match).
+fn c_order_copy(data: &[f32], offset: usize, shape: &[usize], strides: &[isize]) -> Vec<f32> {
+    let len: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(len);
+    for flat in 0..len {
+        let (mut rest, mut at) = (flat, offset as isize);
+        for (&dim, &stride) in shape.iter().zip(strides).rev() {
+            at += (rest % dim) as isize * stride;
+            rest /= dim;
+        }
+        out.push(data[at as usize]);
+    }
+    out
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 64, failure_persistence: None, ..Default::default()
+    })]
+
+    /// Any strided view (transposed, reversed, stepped, broadcast) has the partial of its values
+    /// written out in C order.
+    #[test]
+    fn any_layout_has_the_partial_of_its_c_order_values(
+        shape in proptest::collection::vec(1usize..40, 0..4),
+        order_seed in 0u64..1000,
+        reverse in proptest::collection::vec(proptest::bool::ANY, 4),
+        step in proptest::collection::vec(0usize..3, 4),
+    ) {
+        // Lay `shape` out over a buffer in a shuffled axis order, each axis with a step of 0
+        // (broadcast), 1 or 2 and possibly reversed.
+        let ndim = shape.len();
+        let mut axes: Vec<usize> = (0..ndim).collect();
+        axes.rotate_left(order_seed as usize % ndim.max(1));
+        if order_seed % 2 == 1 {
+            axes.reverse();
+        }
+        let mut strides = vec![0isize; ndim];
+        let mut extent = 1usize;
+        for &axis in axes.iter().rev() {
+            let step = step[axis];
+            strides[axis] = (extent * step) as isize;
+            extent += (shape[axis] - 1) * extent * step;
+        }
+        let mut offset = 0usize;
+        for axis in 0..ndim {
+            if reverse[axis] && strides[axis] != 0 {
+                offset += (shape[axis] - 1) * strides[axis] as usize;
+                strides[axis] = -strides[axis];
+            }
+        }
+        let data: Vec<f32> = values(extent + 3, order_seed).iter().map(|&v| v as f32).collect();
+        let view = ArrayView::new(&data, offset, &shape, &strides).unwrap();
+        let written = c_order_copy(&data, offset, &shape, &strides);
+        proptest::prop_assert_eq!(
+            SumsPartial::of(&view).to_bytes(),
+            SumsPartial::of(&ArrayView::from_slice(&written)).to_bytes()
+        );
+    }
+}
