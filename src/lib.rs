@@ -10,6 +10,7 @@ mod arrays;
 mod checkpoint;
 mod errors;
 mod functions;
+mod partials;
 #[cfg(feature = "probe")]
 mod probe;
 mod xla_ffi;
@@ -38,6 +39,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::simd_isa, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::safetensors_layout, m)?)?;
+    partials::register(m)?;
     xla_ffi::register(m)?;
     #[cfg(feature = "probe")]
     m.add_function(wrap_pyfunction!(probe::_read_probe, m)?)?;

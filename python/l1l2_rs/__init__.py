@@ -11,7 +11,7 @@ import operator
 import sys
 
 from . import _l1l2_rs
-from ._l1l2_rs import get_num_threads, simd_isa
+from ._l1l2_rs import SumsPartial, get_num_threads, simd_isa
 from .regularizers import (
     L1,
     L1L2,
@@ -77,6 +77,7 @@ __all__ = [
     "L1L2",
     "L2",
     "Regularizer",
+    "SumsPartial",
     "__version__",
     "deserialize",
     "get",

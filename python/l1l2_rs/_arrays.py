@@ -21,6 +21,7 @@ would compute the value and drop the gradient without a word. A penalty of such 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -36,11 +37,22 @@ def penalty_of_unreadable(
     native: Callable[..., Any], x: Any, l1: float | None, l2: float | None
 ) -> Any:
     """The penalty of an ``x`` the native kernel could not read: converted to numpy for the
-    kernel when it is a concrete value, else computed by the differentiable backend formula."""
+    kernel when it is a concrete value, else computed by the differentiable backend formula; a
+    Dask array's is ``l1l2_rs.dask``'s lazy penalty (never computed here)."""
+    if _is_dask_array(x):
+        from .dask import _penalty
+
+        return _penalty(x, l1, l2, split_every=None)
     path = route(x)
     if path is None:
         return native(_readable(x), l1, l2)
     return differentiable_penalty(path, x, l1, l2)
+
+
+def _is_dask_array(x: object) -> bool:
+    """Whether ``x`` is a Dask array (without importing Dask: none exists before it is)."""
+    dask_array = sys.modules.get("dask.array")
+    return dask_array is not None and isinstance(x, dask_array.Array)
 
 
 def call(function: Callable[..., _R], x: Any, *args: Any, **kwargs: Any) -> _R:

@@ -13,6 +13,16 @@ pub struct Compensated {
 }
 
 impl Compensated {
+    /// The sum `hi + lo` from its two parts (as [`Compensated::parts`] gave them).
+    pub fn from_parts(hi: f64, lo: f64) -> Self {
+        Self { hi, lo }
+    }
+
+    /// `(hi, lo)`: the leading part and the carried rounding error.
+    pub fn parts(self) -> (f64, f64) {
+        (self.hi, self.lo)
+    }
+
     #[inline(always)]
     pub fn add(&mut self, term: f64) {
         let (sum, err) = two_sum(self.hi, term);
@@ -73,6 +83,26 @@ pub struct U192 {
 }
 
 impl U192 {
+    /// The value `high * 2^128 + low`.
+    pub fn from_parts(high: u64, low: u128) -> Self {
+        Self { high, low }
+    }
+
+    /// `(high, low)`: the value is `high * 2^128 + low`.
+    pub fn parts(self) -> (u64, u128) {
+        (self.high, self.low)
+    }
+
+    /// The sum, or `None` when it does not fit 192 bits.
+    pub fn checked_merge(self, other: Self) -> Option<Self> {
+        let (low, carry) = self.low.overflowing_add(other.low);
+        let high = self
+            .high
+            .checked_add(other.high)?
+            .checked_add(u64::from(carry))?;
+        Some(Self { high, low })
+    }
+
     #[inline(always)]
     pub fn add(&mut self, term: u128) {
         let (low, carry) = self.low.overflowing_add(term);

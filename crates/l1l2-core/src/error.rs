@@ -84,6 +84,19 @@ pub enum Error {
         /// Number of destinations.
         destinations: usize,
     },
+    /// Partial sums of different dtypes cannot be merged: they are not pieces of one array.
+    MixedDTypes {
+        /// The dtype of the first partial.
+        first: DType,
+        /// The dtype of the second.
+        second: DType,
+    },
+    /// A byte string is not an encoded [`SumsPartial`](crate::SumsPartial), or two partials
+    /// cannot come from one array.
+    InvalidPartial {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// An error about the tensor at `index` of a list.
     InList {
         /// Position in the list.
@@ -175,6 +188,11 @@ impl fmt::Display for Error {
                 f,
                 "{destinations} destinations given for {sources} inputs"
             ),
+            Self::MixedDTypes { first, second } => write!(
+                f,
+                "cannot merge partial sums of {first} and {second} data: one array has one dtype"
+            ),
+            Self::InvalidPartial { reason } => write!(f, "invalid partial sums: {reason}"),
             Self::InList { index, error } => write!(f, "tensor {index}: {error}"),
         }
     }

@@ -45,6 +45,7 @@ mod kernels;
 mod layout;
 mod ops;
 pub mod parallel;
+mod partial;
 #[cfg(feature = "probe")]
 #[doc(hidden)]
 pub mod probe;
@@ -57,6 +58,7 @@ pub use half::{bf16, f16};
 pub use kernels::{isa, Isa};
 pub use ops::{prox, prox_many, sums_many, value_and_grad, value_and_grad_many, Factors, Update};
 pub use parallel::{num_threads, set_num_threads};
+pub use partial::SumsPartial;
 pub use view::{ArrayView, ArrayViewMut};
 
 /// `sum |x|` and `sum x^2` of an input, each rounded once to f64.
