@@ -20,7 +20,7 @@ const DETACH_MIN_LEN: usize = 1 << 13;
 const INTERRUPTIBLE_MIN_LEN: usize = 1 << 23;
 
 /// Runs `work` with the GIL released, unless the input is too small for that to pay.
-fn detach_if_large<R: Send>(
+pub(crate) fn detach_if_large<R: Send>(
     py: Python<'_>,
     len: usize,
     work: impl FnOnce() -> R + Send,

@@ -9,6 +9,7 @@
 mod arrays;
 mod errors;
 mod functions;
+mod orthogonal;
 #[cfg(feature = "probe")]
 mod probe;
 mod xla_ffi;
@@ -36,6 +37,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(functions::simd_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(orthogonal::orthogonal_penalty, m)?)?;
     xla_ffi::register(m)?;
     #[cfg(feature = "probe")]
     m.add_function(wrap_pyfunction!(probe::_read_probe, m)?)?;

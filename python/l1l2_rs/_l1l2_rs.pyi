@@ -9,6 +9,7 @@ __all__ = [
     "PARALLEL_MIN_BYTES",
     "NotReadable",
     "get_num_threads",
+    "orthogonal_penalty",
     "penalty",
     "penalty_many",
     "prox_",
@@ -53,6 +54,7 @@ def prox_many_(xs: object, lr: float, l1: float | None, l2: float | None) -> Any
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_isa() -> str: ...
+def orthogonal_penalty(x: object, factor: float, mode: str) -> Any: ...
 def xla_ffi_handlers() -> tuple[dict[str, Any], tuple[int, int]]:
     """The XLA FFI handlers by target name (PyCapsules for ``jax.ffi.register_ffi_target``,
     platform "cpu") and the XLA FFI API version they were written against."""
