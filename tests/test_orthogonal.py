@@ -267,6 +267,21 @@ def test_inside_tf_function() -> None:
     assert float(penalty(tf.constant(x))) == pytest.approx(reference(x, 0.2, "columns"), rel=2e-6)
 
 
+def test_tracked_torch_tensors_and_jax_tracers_outside_keras_are_refused() -> None:
+    import jax
+    import torch
+
+    regularizer = l1l2_rs.OrthogonalRegularizer(0.1)
+    weights = torch.ones((3, 2), requires_grad=True)
+    with pytest.raises(TypeError, match=r"OrthogonalRegularizer.*x\.detach\(\)"):
+        regularizer(weights)
+    assert float(regularizer(weights.detach())) == float(np.float32(0.1))  # all rows alike
+    with torch.no_grad():
+        assert float(regularizer(weights)) == float(np.float32(0.1))
+    with pytest.raises(TypeError, match=r"OrthogonalRegularizer.*concrete array"):
+        jax.grad(regularizer)(np.ones((3, 2), dtype=np.float32))
+
+
 #: Run per Keras 3 backend in a fresh process (Keras picks its backend once per process): the
 #: penalty of a Keras variable and of a matrix traced by the backend's autodiff, with its
 #: gradient, next to Keras' own regularizer on a backend tensor (its tensor path is right).

@@ -49,7 +49,15 @@ def orthogonal_penalty_of_unreadable(
     """The orthogonality penalty of an ``x`` the native kernel could not read: converted to numpy
     (integers to float64) for the kernel when it is a concrete value, else computed by the
     differentiable backend formula."""
-    path = route(x)
+    try:
+        path = route(x)
+    except TypeError:  # a torch tensor that requires grad, or a JAX tracer, outside Keras
+        raise TypeError(
+            f"l1l2_rs: OrthogonalRegularizer got a {type(x).__name__} that carries autograd "
+            "state outside Keras. It is differentiable inside a Keras layer or training step "
+            "and for TensorFlow tensors; converting this one to numpy would drop its gradient "
+            "silently. Pass a detached value (x.detach() for torch, a concrete array for JAX)."
+        ) from None
     if path is None:
         array = _readable(x)
         if array.dtype.kind in "biu":
