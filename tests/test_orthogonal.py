@@ -1,6 +1,9 @@
 """OrthogonalRegularizer: the native penalty against an independent float64 reference, against
 Keras 3 and tf-keras where they are right, its edge cases, its API, and the differentiable path
 for traced tensors.
+
+TensorFlow and tf-keras are imported inside the tests that use them, not at collection: imported
+before torch (which collecting test_torch.py imports), TensorFlow makes torch's import abort.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from typing import Any
 import keras  # the test extra installs Keras 3, tf-keras and TensorFlow: never skipped
 import numpy as np
 import pytest
-import tensorflow as tf
-import tf_keras
 from keras import regularizers as kr
 
 import l1l2_rs
@@ -81,6 +82,21 @@ def test_strided_views_and_integer_input(mode: str) -> None:
     assert float(l1l2_rs.OrthogonalRegularizer(0.2, mode)(as_list)) == float(got)
 
 
+def test_a_large_matrix_gives_the_same_bits_for_any_thread_count() -> None:
+    # 400 rows: 160 000 index pairs, several pieces of the parallel reduction.
+    x = matrix(400, 24, np.float64, seed=9)
+    expected = reference(x, 1.0, "rows")
+    values = set()
+    try:
+        for threads in (1, 2, 3):
+            l1l2_rs.set_num_threads(threads)
+            values.add(float(l1l2_rs.OrthogonalRegularizer(1.0)(x)))
+    finally:
+        l1l2_rs.set_num_threads(0)
+    assert len(values) == 1
+    assert values.pop() == pytest.approx(expected, rel=1e-13)
+
+
 def test_the_scale_of_a_row_does_not_matter() -> None:
     directions = np.array([[3.0, 4.0, 0.0], [1.0, 0.0, 1.0], [0.0, 2.0, -1.0]])
     expected = reference(directions, 1.0, "rows")
@@ -91,6 +107,9 @@ def test_the_scale_of_a_row_does_not_matter() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rows_mode_matches_keras_3_and_tf_keras(dtype: Any) -> None:
+    import tensorflow as tf
+    import tf_keras
+
     x = matrix(6, 4, dtype, seed=11)
     ours = float(l1l2_rs.OrthogonalRegularizer(0.05, "rows")(x))
     # Keras keeps the factor as a float32 tensor and computes in float32 for float32 input.
@@ -103,6 +122,9 @@ def test_rows_mode_matches_keras_3_and_tf_keras(dtype: Any) -> None:
 
 @pytest.mark.parametrize("shape", [(6, 4), (4, 4), (3, 7)])
 def test_columns_mode_matches_tf_keras_on_a_tensor(shape: tuple[int, int]) -> None:
+    import tensorflow as tf
+    import tf_keras
+
     x = matrix(*shape, np.float32, seed=12)
     ours = float(l1l2_rs.OrthogonalRegularizer(0.05, "columns")(x))
     theirs = tf_keras.regularizers.OrthogonalRegularizer(0.05, "columns")(tf.constant(x))
@@ -163,6 +185,8 @@ def test_nan_and_infinity_give_nan() -> None:
 
 @pytest.mark.parametrize("shape", [(), (3,), (2, 3, 4), (1, 1, 1, 1)])
 def test_input_that_is_not_a_matrix_is_refused(shape: tuple[int, ...]) -> None:
+    import tensorflow as tf
+
     x = np.ones(shape, dtype=np.float32)
     with pytest.raises(ValueError, match="rank 2"):
         kr.OrthogonalRegularizer()(x)
@@ -215,6 +239,8 @@ def test_get_serialize_and_deserialize() -> None:
 
 
 def test_registered_with_keras_and_tf_keras() -> None:
+    import tf_keras
+
     key = "l1l2_rs>OrthogonalRegularizer"
     assert keras.saving.get_registered_object(key) is l1l2_rs.OrthogonalRegularizer
     assert tf_keras.utils.get_registered_object(key) is l1l2_rs.OrthogonalRegularizer
@@ -229,14 +255,17 @@ def test_registered_with_keras_and_tf_keras() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_under_a_gradient_tape_value_and_gradient_match_tf_keras(mode: str, dtype: Any) -> None:
+    import tensorflow as tf
+    import tf_keras
+
     x = tf.Variable(matrix(5, 4, np.float64, seed=21), dtype=dtype)
     with tf.GradientTape(persistent=True) as tape:
         ours = l1l2_rs.OrthogonalRegularizer(0.3, mode)(x)
         theirs = tf_keras.regularizers.OrthogonalRegularizer(0.3, mode)(x)
-    assert isinstance(ours, tf.Tensor) and ours.dtype == dtype
-    tolerance = 2e-6 if dtype == tf.float32 else 1e-12
+    assert isinstance(ours, tf.Tensor) and ours.dtype == tf.as_dtype(dtype)
+    tolerance = 2e-6 if dtype == "float32" else 1e-12
     assert float(ours) == pytest.approx(reference(x.numpy(), 0.3, mode), rel=tolerance)
     assert float(ours) == pytest.approx(float(theirs), rel=2e-6)
     gradient, keras_gradient = tape.gradient(ours, x), tape.gradient(theirs, x)
@@ -245,6 +274,8 @@ def test_under_a_gradient_tape_value_and_gradient_match_tf_keras(mode: str, dtyp
 
 
 def test_under_a_tape_zero_rows_and_a_single_row_have_finite_gradients() -> None:
+    import tensorflow as tf
+
     x = tf.Variable([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [3.0, -1.0, 0.5]], dtype=tf.float64)
     with tf.GradientTape() as tape:
         value = l1l2_rs.OrthogonalRegularizer(1.0)(x)
@@ -258,6 +289,8 @@ def test_under_a_tape_zero_rows_and_a_single_row_have_finite_gradients() -> None
 
 
 def test_inside_tf_function() -> None:
+    import tensorflow as tf
+
     x = matrix(4, 3, np.float32, seed=5)
 
     @tf.function

@@ -11,10 +11,16 @@
 //! underflow nor those of huge values overflow: the penalty depends on the directions only, at any
 //! scale. With fewer than two vectors there is no pair, and the penalty is 0 (Keras divides by
 //! zero pairs and returns NaN). A NaN or an infinity in the matrix gives NaN.
+//!
+//! The pairs are summed with the library's deterministic parallel reduction (over the `m * m`
+//! ordered index pairs, of which those with `i < j` count): the same bits for any thread count.
 
+use std::ops::Range;
+
+use crate::accumulate::Partial;
 use crate::dtype::with_float;
 use crate::element::Float;
-use crate::{ArrayView, Error};
+use crate::{parallel, ArrayView, Error};
 
 /// Which vectors of a matrix are to be orthogonal to each other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +83,8 @@ pub fn orthogonal_penalty(x: &ArrayView<'_>, factor: f64, vectors: Vectors) -> R
             dtype,
         })
     );
-    Ok(factor * mean_absolute_dot(&units, matrix.count, matrix.len))
+    let mean = mean_absolute_dot(&units, matrix.count, matrix.len)?;
+    Ok(factor * mean)
 }
 
 /// The vectors of a strided matrix: `count` vectors of `len` elements; element `j` of vector `i`
@@ -130,19 +137,53 @@ fn scale_to_unit_norm(vector: &mut [f64]) {
 
 /// The mean of `|u_i . u_j|` over the pairs `i < j` of the `count` vectors of `len` elements in
 /// `units`; 0 for fewer than two vectors.
-fn mean_absolute_dot(units: &[f64], count: usize, len: usize) -> f64 {
+fn mean_absolute_dot(units: &[f64], count: usize, len: usize) -> Result<f64, Error> {
     if count < 2 {
-        return 0.0;
+        return Ok(0.0);
     }
+    let index_pairs = count.checked_mul(count).ok_or(Error::TooLarge)?;
+    // An index pair reads two vectors, and half of the index pairs count: `len` f64s of work each.
+    let work_per_index = len.max(1).saturating_mul(size_of::<f64>());
+    let total = parallel::reduce(index_pairs, work_per_index, &|indices| {
+        PairSum(sum_of_pairs(units, count, len, indices))
+    });
+    let pairs = count as f64 * (count - 1) as f64 / 2.0;
+    Ok(total.0 / pairs)
+}
+
+/// `sum |u_i . u_j|` over the ordered index pairs `i * count + j` in `indices` with `i < j`.
+fn sum_of_pairs(units: &[f64], count: usize, len: usize, indices: Range<usize>) -> f64 {
     let vector = |index: usize| &units[index * len..(index + 1) * len];
     let mut total = 0.0;
-    for i in 0..count {
-        for j in i + 1..count {
+    let mut start = indices.start;
+    while start < indices.end {
+        let i = start / count;
+        let row_end = ((i + 1) * count).min(indices.end);
+        let first_j = (start - i * count).max(i + 1);
+        for j in first_j..row_end - i * count {
             total += dot(vector(i), vector(j)).abs();
         }
+        start = row_end;
     }
-    let pairs = count as f64 * (count - 1) as f64 / 2.0;
-    total / pairs
+    total
+}
+
+/// A partial sum of `|u_i . u_j|`, merged along the reduction's fixed tree.
+#[derive(Clone, Copy, Debug, Default)]
+struct PairSum(f64);
+
+impl Partial for PairSum {
+    fn merge(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+
+    fn repeat(self, copies: u64) -> Self {
+        Self(self.0 * copies as f64) // not used: the pairs are never a broadcast view
+    }
+
+    fn finish(self) -> (f64, f64) {
+        (self.0, 0.0)
+    }
 }
 
 /// Lanes of independent partial sums in `dot`: enough for the compiler to vectorise it.
@@ -189,6 +230,22 @@ mod tests {
             scale_to_unit_norm(&mut vector);
             assert!(vector.iter().any(|value| value.is_nan()));
         }
+    }
+
+    #[test]
+    fn every_pair_counts_once_whatever_the_pieces() {
+        // Vectors of one element: u_i . u_j = s_i * s_j with signs s; |.| = 1 for every pair.
+        let count = 7;
+        let units: Vec<f64> = (0..count)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let whole = sum_of_pairs(&units, count, 1, 0..count * count);
+        assert_eq!(whole, 21.0);
+        let pieces: f64 = [0..5, 5..17, 17..18, 18..49]
+            .into_iter()
+            .map(|piece| sum_of_pairs(&units, count, 1, piece))
+            .sum();
+        assert_eq!(pieces, 21.0);
     }
 
     #[test]
