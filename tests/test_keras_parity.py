@@ -230,16 +230,12 @@ def test_every_bad_factor_raises_one_class_that_keras_and_type_checks_catch(bad:
         assert type(caught.value) is l1l2_rs.FactorError
 
 
-def test_deviation_bool_factors_are_refused() -> None:
-    # Keras 3 takes True as the factor 1.0; a bool factor is a flag passed by mistake.
+def test_bool_factors_are_numbers_as_in_keras_3() -> None:
     assert kr.L1(True).get_config()["l1"] == 1.0
-    for bad in (True, False, np.bool_(True), np.array(False)):
-        with pytest.raises(l1l2_rs.FactorError, match="l1"):
-            l1l2_rs.L1(bad)
-        with pytest.raises(l1l2_rs.FactorError, match="l2"):
-            l1l2_rs.L1L2(l2=bad)
-        with pytest.raises(l1l2_rs.FactorError, match="factor"):
-            l1l2_rs.OrthogonalRegularizer(bad)
+    assert kr.OrthogonalRegularizer(True).get_config()["factor"] == 1.0
+    assert l1l2_rs.L1(True).l1 == 1.0
+    assert l1l2_rs.OrthogonalRegularizer(True).factor == 1.0
+    assert l1l2_rs.L1L2(l2=np.bool_(False)).l2 == 0.0
 
 
 def test_none_factors_follow_keras_3_and_tf_keras() -> None:

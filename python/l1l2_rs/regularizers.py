@@ -62,7 +62,8 @@ _MISSING: Any = object()
 
 class FactorError(ValueError, TypeError):
     """A regularization factor (``l1``, ``l2``, ``factor``, a learning rate) that is not a finite
-    non-negative real number: of another type, negative, NaN or infinite.
+    non-negative real number: of another type (a string, a complex, a container), negative, NaN or
+    infinite. (Bools are numbers to Python and to Keras: ``True`` is the factor 1.0.)
 
     It derives from both ``ValueError`` (what Keras raises for a bad factor) and ``TypeError``, so
     code written for either catches it. The message names the argument.
@@ -110,9 +111,11 @@ def _factor(name: str, value: object, default: float | None) -> float:
         return value + 0.0  # -0.0 -> 0.0
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    numpy_non_number = isinstance(value, np.generic) and not isinstance(value, np.number)
+    numpy_non_number = isinstance(value, np.generic) and not isinstance(
+        value, (np.number, np.bool_)
+    )
     if (
-        isinstance(value, (str, bytes, bool))  # a bool factor is a flag passed by mistake
+        isinstance(value, (str, bytes))
         or numpy_non_number
         or not isinstance(value, (numbers.Number, Decimal, np.generic))
     ):
