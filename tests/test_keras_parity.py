@@ -302,6 +302,13 @@ def test_a_huge_class_name_is_not_echoed_whole() -> None:
         assert "x" * 100 in message and "50000000" in message
 
 
+def test_a_huge_integer_factor_gets_a_short_factor_error() -> None:
+    with pytest.raises(l1l2_rs.FactorError, match=r"l1 .*an int of 33220 bits"):
+        l1l2_rs.L1(10**10000)
+    with pytest.raises(l1l2_rs.FactorError, match="l2"):
+        l1l2_rs.deserialize({"class_name": "L2", "config": {"l2": -(10**50)}})
+
+
 @pytest.mark.parametrize("bad", [0, [], "", False, 0.0, [("l1", 0.1)], "l1=0.1", 1])
 def test_a_config_that_is_not_a_dict_is_refused(bad: Any) -> None:
     with pytest.raises(TypeError):

@@ -87,6 +87,11 @@ class _ShortRepr(reprlib.Repr):
     def repr_bytes(self, x: bytes, level: int) -> str:
         return self._truncated(x)
 
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 10_000:  # str() of a huge int is refused past 4300 digits
+            return f"<an int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)  # cut to 40 characters
+
     def _truncated(self, x: str | bytes) -> str:
         if len(x) <= self.MAX_STRING:
             return repr(x)
