@@ -50,6 +50,9 @@ pub(crate) fn to_py(error: Error, names: Names) -> PyErr {
             "{root}: {output} must not share memory with {input} or another {output} (checked by \
              address range, so interleaved views such as a[::2] and a[1::2] count as sharing)"
         ),
+        Error::NotAMatrix { shape } => {
+            format!("{input} must have rank 2 (a matrix), got shape {shape:?}")
+        }
         Error::BroadcastDestination | Error::SelfOverlappingDestination => {
             format!("cannot write through this view: {root}")
         }
@@ -57,7 +60,7 @@ pub(crate) fn to_py(error: Error, names: Names) -> PyErr {
     };
     let message = format!("l1l2_rs: {prefix}{message}");
     match root {
-        Error::NotFloat { .. } => PyTypeError::new_err(message),
+        Error::NotFloat { .. } | Error::FloatOnly { .. } => PyTypeError::new_err(message),
         _ => PyValueError::new_err(message),
     }
 }

@@ -57,6 +57,26 @@ pub(crate) fn detach_if_large<R: Send>(
     })
 }
 
+/// For a call that writes in place over inputs of `input_bytes`: starts the thread pool first if
+/// the call may use it, and warns of a failure to start it then, before anything is written (with
+/// warnings turned into errors, the call raises with the data untouched).
+fn warn_before_writing(py: Python<'_>, input_bytes: usize) -> PyResult<()> {
+    l1l2_core::parallel::start_pool_before_writing(input_bytes);
+    warn_of_pool_error(py)
+}
+
+/// The bytes of the arrays a call reads.
+fn input_bytes<'v, V: 'v>(
+    views: impl IntoIterator<Item = &'v V>,
+    len: impl Fn(&V) -> usize,
+    dtype: impl Fn(&V) -> l1l2_core::DType,
+) -> usize {
+    views
+        .into_iter()
+        .map(|view| len(view).saturating_mul(dtype(view).itemsize()))
+        .fold(0, usize::saturating_add)
+}
+
 /// A `RuntimeWarning` if the thread pool could not be started (once per failure).
 fn warn_of_pool_error(py: Python<'_>) -> PyResult<()> {
     if let Some(message) = l1l2_core::parallel::take_pool_error() {
@@ -134,6 +154,10 @@ pub(crate) fn value_and_grad<'py>(
             index: None,
         },
     )?;
+    warn_before_writing(
+        x.py(),
+        input_bytes([&view], ArrayView::len, ArrayView::dtype),
+    )?;
     let value = detach_if_large(x.py(), view.len(), || {
         l1l2_core::value_and_grad(&view, &mut grad, &factors, update)
     })?
@@ -170,6 +194,10 @@ pub(crate) fn prox_<'py>(
             name: "x",
             index: None,
         },
+    )?;
+    warn_before_writing(
+        x.py(),
+        input_bytes([&view], ArrayViewMut::len, ArrayViewMut::dtype),
     )?;
     detach_if_large(x.py(), view.len(), || {
         l1l2_core::prox(&mut view, lr, &factors)
@@ -260,6 +288,10 @@ pub(crate) fn value_and_grad_many<'py>(
     };
     let mut grads = write_views(&outs, "outs")?;
     let len = total_len(&views, ArrayView::len);
+    warn_before_writing(
+        xs.py(),
+        input_bytes(&views, ArrayView::len, ArrayView::dtype),
+    )?;
     let values = detach_if_large(xs.py(), len, || {
         l1l2_core::value_and_grad_many(&views, &mut grads, &factors, update)
     })?
@@ -281,6 +313,10 @@ pub(crate) fn prox_many_<'py>(
     let arrays = items(xs, "xs")?;
     let mut views = write_views(&arrays, "xs")?;
     let len = total_len(&views, ArrayViewMut::len);
+    warn_before_writing(
+        xs.py(),
+        input_bytes(&views, ArrayViewMut::len, ArrayViewMut::dtype),
+    )?;
     detach_if_large(xs.py(), len, || {
         l1l2_core::prox_many(&mut views, lr, &factors)
     })?

@@ -222,3 +222,51 @@ HANDLER_PROBE = textwrap.dedent(
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
 def test_a_signal_handler_may_call_l1l2_rs_during_a_long_call() -> None:
     assert _python(HANDLER_PROBE).split() == ["3000000000.0", "[1000000.0]"]
+
+
+POOL_FAILS = textwrap.dedent(
+    """
+    import json, resource, sys, warnings
+    import numpy as np
+    import l1l2_rs
+
+    l1l2_rs.set_num_threads(2)  # one worker to start, whatever the CPU count
+    x = np.linspace(-1.0, 1.0, 1 << 20)
+    out = np.zeros_like(x)
+    before = (x.copy(), out.copy())
+    calls = {
+        "prox_": lambda: l1l2_rs.prox_(x, 0.1, 0.5, 0.0),
+        "prox_many_": lambda: l1l2_rs.prox_many_([x], 0.1, 0.5, 0.0),
+        "value_and_grad": lambda: l1l2_rs.value_and_grad(x, 0.5, 0.0, out=out),
+        "value_and_grad_many": lambda: l1l2_rs.value_and_grad_many([x], 0.5, 0.0, outs=[out]),
+    }
+    # Room for this process as it is, and not for a worker thread's stack.
+    size = next(int(line.split()[1]) for line in open("/proc/self/status") if "VmSize" in line)
+    resource.setrlimit(resource.RLIMIT_AS, ((size << 10) + (1 << 20), resource.RLIM_INFINITY))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter(sys.argv[2])
+        try:
+            calls[sys.argv[1]]()
+            raised = None
+        except RuntimeWarning as warning:
+            raised = str(warning)
+    written = not (np.array_equal(x, before[0]) and np.array_equal(out, before[1]))
+    warned = [str(warning.message) for warning in warned]
+    print(json.dumps({"raised": raised, "warned": warned, "written": written}))
+    """
+)
+
+IN_PLACE_CALLS = ["prox_", "prox_many_", "value_and_grad", "value_and_grad_many"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("call", IN_PLACE_CALLS)
+def test_a_pool_that_cannot_start_is_reported_before_anything_is_written(call: str) -> None:
+    # With warnings as errors the call raises, and the caller's arrays are untouched ...
+    result = json.loads(_python(POOL_FAILS, call, "error"))
+    assert result["raised"] is not None and "could not start" in result["raised"]
+    assert result["written"] is False
+    # ... and otherwise it warns and completes on the calling thread.
+    result = json.loads(_python(POOL_FAILS, call, "always"))
+    assert result["raised"] is None and result["written"] is True
+    assert len(result["warned"]) == 1 and "could not start" in result["warned"][0]

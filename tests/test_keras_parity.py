@@ -192,3 +192,175 @@ def test_deviation_value_semantics() -> None:
     assert "object at" in repr(kr.L1L2(0.1, 0.1))
     assert l1l2_rs.L1L2(0.1, 0.1) == l1l2_rs.L1L2(0.1, 0.1)
     assert repr(l1l2_rs.L1L2(0.1, 0.1)) == "L1L2(l1=0.1, l2=0.1)"
+
+
+# ----------------------------------------------------------------------------------------------
+# serialize(None), the factor error class, None factors, and config hardening.
+
+
+def test_serialize_none_is_none_as_in_keras() -> None:
+    import tf_keras
+
+    assert kr.serialize(None) is None
+    assert tf_keras.regularizers.serialize(None) is None
+    assert l1l2_rs.serialize(None) is None
+    assert l1l2_rs.serialize(None, format="tf2") is None
+
+
+BAD_FACTORS: list[Any] = [-5, -0.1, math.nan, math.inf, "0.1", b"1", [0.1], {"l1": 1}, 1j, object()]
+
+
+@pytest.mark.parametrize("bad", BAD_FACTORS, ids=lambda bad: type(bad).__name__ + str(bad)[:8])
+def test_every_bad_factor_raises_one_class_that_keras_and_type_checks_catch(bad: Any) -> None:
+    assert issubclass(l1l2_rs.FactorError, ValueError)
+    assert issubclass(l1l2_rs.FactorError, TypeError)
+    if not isinstance(bad, complex):
+        with pytest.raises(ValueError):
+            kr.L1(bad)  # what code written for Keras catches
+    for build, name in [
+        (lambda: l1l2_rs.L1(bad), "l1"),
+        (lambda: l1l2_rs.L2(bad), "l2"),
+        (lambda: l1l2_rs.L1L2(0.1, bad), "l2"),
+        (lambda: l1l2_rs.l1_l2(bad), "l1"),
+        (lambda: l1l2_rs.OrthogonalRegularizer(bad), "factor"),
+        (lambda: l1l2_rs.penalty(np.ones(2), bad), "l1"),
+    ]:
+        with pytest.raises(l1l2_rs.FactorError, match=name) as caught:
+            build()
+        assert type(caught.value) is l1l2_rs.FactorError
+
+
+def test_bool_factors_are_numbers_as_in_keras_3() -> None:
+    assert kr.L1(True).get_config()["l1"] == 1.0
+    assert kr.OrthogonalRegularizer(True).get_config()["factor"] == 1.0
+    assert l1l2_rs.L1(True).l1 == 1.0
+    assert l1l2_rs.OrthogonalRegularizer(True).factor == 1.0
+    assert l1l2_rs.L1L2(l2=np.bool_(False)).l2 == 0.0
+
+
+def test_none_factors_follow_keras_3_and_tf_keras() -> None:
+    import tf_keras
+
+    frameworks = [kr, tf_keras.regularizers]
+    for l1, l2 in [(None, None), (None, 0.25), (0.25, None)]:
+        expected = {"l1": 0.0 if l1 is None else l1, "l2": 0.0 if l2 is None else l2}
+        for framework in frameworks:
+            got = framework.l1_l2(l1=l1, l2=l2).get_config()
+            assert got == pytest.approx(expected, rel=1e-7)
+            assert framework.L1L2(l1=l1, l2=l2).get_config() == pytest.approx(expected, rel=1e-7)
+        assert l1l2_rs.l1_l2(l1=l1, l2=l2).get_config() == expected
+        assert l1l2_rs.L1L2(l1=l1, l2=l2).get_config() == expected
+    # L1(None) and L2(None) are the 0.01 default in both.
+    for framework in frameworks:
+        assert framework.L1(None).get_config()["l1"] == pytest.approx(0.01, rel=1e-7)
+        assert framework.L2(None).get_config()["l2"] == pytest.approx(0.01, rel=1e-7)
+    assert l1l2_rs.L1(None).l1 == l1l2_rs.L2(None).l2 == 0.01
+    # Keras 3's OrthogonalRegularizer refuses factor=None, and so do we.
+    with pytest.raises(ValueError):
+        kr.OrthogonalRegularizer(None)
+    with pytest.raises(l1l2_rs.FactorError, match="factor"):
+        l1l2_rs.OrthogonalRegularizer(None)  # type: ignore[arg-type]
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = {"a": [leaf]}
+    return leaf
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda deep: l1l2_rs.deserialize({"class_name": deep}),
+        lambda deep: l1l2_rs.get({"class_name": deep}),
+        lambda deep: l1l2_rs.deserialize(deep),
+        lambda deep: l1l2_rs.deserialize({"class_name": "L1L2", "config": {"l1": deep}}),
+        lambda deep: l1l2_rs.L1L2.from_config({"l2": deep}),
+        lambda deep: l1l2_rs.get(deep),
+        lambda deep: l1l2_rs.deserialize({"class_name": "L1", "config": [deep]}),
+    ],
+)
+def test_deeply_nested_configs_raise_a_short_value_error(call: Any) -> None:
+    deep = _nested(50_000, 0)
+    with pytest.raises(ValueError) as caught:
+        call(deep)
+    assert len(str(caught.value)) < 2000
+
+
+def test_a_huge_class_name_is_not_echoed_whole() -> None:
+    name = "x" * 50_000_000
+    for call in (
+        lambda: l1l2_rs.deserialize({"class_name": name}),
+        lambda: l1l2_rs.get(name),
+        lambda: l1l2_rs.deserialize(name),
+        lambda: l1l2_rs.deserialize({"class_name": "L1", "config": {"l1": name}}),
+    ):
+        with pytest.raises(ValueError) as caught:
+            call()
+        message = str(caught.value)
+        assert len(message) < 2000
+        assert "x" * 100 in message and "50000000" in message
+
+
+def test_a_huge_integer_factor_gets_a_short_factor_error() -> None:
+    with pytest.raises(l1l2_rs.FactorError, match=r"l1 .*an int of 33220 bits"):
+        l1l2_rs.L1(10**10000)
+    with pytest.raises(l1l2_rs.FactorError, match="l2"):
+        l1l2_rs.deserialize({"class_name": "L2", "config": {"l2": -(10**50)}})
+
+
+@pytest.mark.parametrize("bad", [0, [], "", False, 0.0, [("l1", 0.1)], "l1=0.1", 1])
+def test_a_config_that_is_not_a_dict_is_refused(bad: Any) -> None:
+    with pytest.raises(TypeError):
+        kr.deserialize({"class_name": "L1L2", "config": bad, "module": "keras.regularizers"})
+    with pytest.raises(ValueError, match="'config' of a regularizer must be a dict"):
+        l1l2_rs.deserialize({"class_name": "L1L2", "config": bad})
+    with pytest.raises(ValueError, match="must be a dict"):
+        l1l2_rs.get({"class_name": "L1", "config": bad})
+    with pytest.raises(ValueError, match="config of L1L2 must be a dict"):
+        l1l2_rs.L1L2.from_config(bad)
+
+
+def test_a_missing_or_none_config_means_the_defaults_as_in_keras() -> None:
+    for config in ({"class_name": "L1"}, {"class_name": "L1", "config": None}):
+        assert l1l2_rs.deserialize(config) == l1l2_rs.L1()
+    keras_loaded = kr.deserialize(
+        {"class_name": "L1", "config": None, "module": "keras.regularizers"}
+    )
+    assert keras_loaded.get_config()["l1"] == pytest.approx(0.01, rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "regularizer, name",
+    [
+        (l1l2_rs.L1(0.1), "l1"),
+        (l1l2_rs.L2(0.1), "l2"),
+        (l1l2_rs.L1L2(0.1, 0.2), "l1"),
+        (l1l2_rs.L1L2(0.1, 0.2), "l2"),
+        (l1l2_rs.OrthogonalRegularizer(0.1), "factor"),
+    ],
+    ids=repr,
+)
+def test_factors_are_validated_on_assignment_too(regularizer: Any, name: str) -> None:
+    x = np.array([[3.0, -4.0], [1.0, 2.0]])
+    before = float(regularizer(x))
+    for bad in (-5, math.nan, "0.5", None if name == "factor" else -1):
+        with pytest.raises(l1l2_rs.FactorError, match=name):
+            setattr(regularizer, name, bad)
+        assert float(regularizer(x)) == before  # the refused value was not stored
+    setattr(regularizer, name, 0.5)
+    assert getattr(regularizer, name) == 0.5
+    assert regularizer.get_config()[name] == 0.5
+    rebuilt = type(regularizer).from_config(regularizer.get_config())
+    assert float(regularizer(x)) == float(rebuilt(x))  # the next call uses the new factor
+    assert float(regularizer(x)) != before
+
+
+def test_orthogonal_mode_is_validated_on_assignment_too() -> None:
+    regularizer = l1l2_rs.OrthogonalRegularizer(0.1)
+    with pytest.raises(ValueError, match="mode"):
+        regularizer.mode = "diagonal"
+    assert regularizer.mode == "rows"
+    regularizer.mode = "columns"
+    x = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    assert float(regularizer(x)) == float(l1l2_rs.OrthogonalRegularizer(0.1, "columns")(x))

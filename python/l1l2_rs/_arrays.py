@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._backend import differentiable_penalty, refusal, route
+from ._backend import differentiable_orthogonal_penalty, differentiable_penalty, refusal, route
 from ._l1l2_rs import NotReadable
 
 _R = TypeVar("_R")
@@ -47,6 +47,34 @@ def penalty_of_unreadable(
     if path is None:
         return native(_readable(x), l1, l2)
     return differentiable_penalty(path, x, l1, l2)
+
+
+def orthogonal_penalty_of_unreadable(
+    native: Callable[..., Any], x: Any, factor: float, mode: str
+) -> Any:
+    """The orthogonality penalty of an ``x`` the native kernel could not read: converted to numpy
+    (integers to float64) for the kernel when it is a concrete value, else computed by the
+    differentiable backend formula."""
+    try:
+        path = route(x)
+    except TypeError:  # a torch tensor that requires grad, or a JAX tracer, outside Keras
+        raise TypeError(
+            f"l1l2_rs: OrthogonalRegularizer got a {type(x).__name__} that carries autograd "
+            "state outside Keras. It is differentiable inside a Keras layer or training step "
+            "and for TensorFlow tensors; converting this one to numpy would drop its gradient "
+            "silently. Pass a detached value (x.detach() for torch, a concrete array for JAX)."
+        ) from None
+    if path is None:
+        array = _readable(x)
+        if array.dtype.kind in "biu":
+            array = array.astype(np.float64)
+        return native(array, factor, mode)
+    shape = tuple(x.shape)
+    if len(shape) != 2:
+        raise ValueError(
+            f"Inputs to OrthogonalRegularizer must have rank 2 (a matrix); got x of shape {shape}"
+        )
+    return differentiable_orthogonal_penalty(path, x, factor, mode == "rows")
 
 
 def _is_dask_array(x: object) -> bool:

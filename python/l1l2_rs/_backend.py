@@ -252,3 +252,68 @@ def tensorflow_penalty(x: Any, l1: float | None, l2: float | None) -> Any:
     if total is None:
         return tf.zeros((), dtype=result_dtype)
     return tf.cast(total, result_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiable orthogonality penalty (``OrthogonalRegularizer``).
+#
+# The native semantics again: every row (column) scaled to unit L2 norm, an all-zero one staying
+# zero (a safe ``rsqrt``: the gradient is 0 there, not NaN); the mean over the pairs of distinct
+# rows (columns) of their absolute dot product, 0 when there is no pair; float16 and bfloat16
+# computed in float32; the result in ``x``'s float dtype (float64 for integer and bool input).
+# Computed in the input's float type, as the frameworks compute a matrix product; the native
+# float64 result can differ in its last bits, and for rows whose squares underflow the float type.
+
+
+def differentiable_orthogonal_penalty(path: str, x: Any, factor: float, rows: bool) -> Any:
+    """The orthogonality penalty of the matrix ``x`` on ``path`` (``"keras"`` or
+    ``"tensorflow"``), as a backend tensor."""
+    if path == "keras":
+        return keras_orthogonal_penalty(x, factor, rows)
+    return tensorflow_orthogonal_penalty(x, factor, rows)
+
+
+def keras_orthogonal_penalty(x: Any, factor: float, rows: bool) -> Any:
+    """The orthogonality penalty with ``keras.ops``: traceable and differentiable."""
+    keras = sys.modules["keras"]
+    ops = keras.ops
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    wide = "float64" if _keras_has_float64(keras) else "float32"
+    result_dtype = dtype if keras.backend.is_float_dtype(dtype) else wide
+    compute_dtype = "float32" if dtype in _NARROW_FLOATS else result_dtype
+    values = x if dtype == compute_dtype else ops.cast(x, compute_dtype)
+    vectors = values if rows else ops.transpose(values)
+    squares = ops.sum(ops.square(vectors), axis=1, keepdims=True)
+    nonzero = squares > 0
+    inverse_norms = ops.where(nonzero, ops.rsqrt(ops.where(nonzero, squares, 1.0)), 0.0)
+    units = vectors * ops.cast(inverse_norms, compute_dtype)
+    count = ops.shape(vectors)[0]
+    gram = ops.matmul(units, ops.transpose(units))
+    off_diagonal = _absolute(keras, gram) * (1.0 - ops.eye(count, dtype=compute_dtype))
+    total = ops.cast(ops.sum(off_diagonal), wide) * 0.5
+    pairs = ops.cast(count, wide) * (ops.cast(count, wide) - 1.0) * 0.5
+    mean = total / ops.maximum(pairs, 1.0)  # no pair: total is 0, and so the penalty
+    return ops.cast(mean * factor, result_dtype)
+
+
+def tensorflow_orthogonal_penalty(x: Any, factor: float, rows: bool) -> Any:
+    """The orthogonality penalty with ``tf`` ops: for tf-keras and TF training loops."""
+    tf = sys.modules["tensorflow"]
+    dtype = tf.as_dtype(x.dtype)
+    result_dtype = dtype if dtype.is_floating else tf.float64
+    compute_dtype = tf.float32 if dtype in (tf.float16, tf.bfloat16) else result_dtype
+    values = x if dtype == compute_dtype else tf.cast(x, compute_dtype)
+    vectors = values if rows else tf.transpose(values)
+    squares = tf.reduce_sum(tf.square(vectors), axis=1, keepdims=True)
+    nonzero = squares > 0
+    safe_squares = tf.where(nonzero, squares, tf.ones_like(squares))
+    inverse_norms = tf.where(nonzero, tf.math.rsqrt(safe_squares), tf.zeros_like(squares))
+    units = vectors * inverse_norms
+    count = tf.shape(vectors)[0]
+    gram = tf.linalg.matmul(units, units, transpose_b=True)
+    off_diagonal = tf.abs(gram) * (1.0 - tf.eye(count, dtype=compute_dtype))
+    total = tf.cast(tf.reduce_sum(off_diagonal), tf.float64) * 0.5
+    count_wide = tf.cast(count, tf.float64)
+    pairs = count_wide * (count_wide - 1.0) * 0.5
+    mean = total / tf.maximum(pairs, 1.0)  # no pair: total is 0, and so the penalty
+    return tf.cast(mean * factor, result_dtype)

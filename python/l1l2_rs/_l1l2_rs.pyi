@@ -10,6 +10,7 @@ __all__ = [
     "NotReadable",
     "SumsPartial",
     "get_num_threads",
+    "orthogonal_penalty",
     "penalty",
     "penalty_many",
     "prox_",
@@ -74,6 +75,7 @@ def prox_many_(xs: object, lr: float, l1: float | None, l2: float | None) -> Any
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_isa() -> str: ...
+def orthogonal_penalty(x: object, factor: float, mode: str) -> Any: ...
 def safetensors_layout(path: str) -> list[tuple[str, str, list[int], int, int]]:
     """The tensors of a ``.safetensors`` file in file order: (name, dtype, shape, start, end), the
     byte range absolute in the file; ``ValueError`` for a malformed header."""

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 import warnings
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
 
 from . import _keras_registry, _l1l2_rs
-from ._arrays import call, call_many, penalty_of_unreadable
+from ._arrays import call, call_many, orthogonal_penalty_of_unreadable, penalty_of_unreadable
 from ._l1l2_rs import NotReadable
+from ._l1l2_rs import orthogonal_penalty as _native_orthogonal_penalty
 from ._l1l2_rs import penalty as _native_penalty
 from ._l1l2_rs import value_and_grad as _native_value_and_grad
 
@@ -26,6 +28,8 @@ __all__ = [
     "L1",
     "L1L2",
     "L2",
+    "FactorError",
+    "OrthogonalRegularizer",
     "Regularizer",
     "deserialize",
     "get",
@@ -33,6 +37,7 @@ __all__ = [
     "l1",
     "l1_l2",
     "l2",
+    "orthogonal_regularizer",
     "penalty",
     "penalty_many",
     "prox_",
@@ -55,9 +60,57 @@ _KERAS_PACKAGE = "l1l2_rs"
 _MISSING: Any = object()
 
 
-def _factor(name: str, value: object, default: float) -> float:
-    """Validate a regularization factor and return it as a full-precision Python float."""
+class FactorError(ValueError, TypeError):
+    """A regularization factor (``l1``, ``l2``, ``factor``, a learning rate) that is not a finite
+    non-negative real number: of another type (a string, a complex, a container), negative, NaN or
+    infinite. (Bools are numbers to Python and to Keras: ``True`` is the factor 1.0.)
+
+    It derives from both ``ValueError`` (what Keras raises for a bad factor) and ``TypeError``, so
+    code written for either catches it. The message names the argument.
+    """
+
+
+class _ShortRepr(reprlib.Repr):
+    """``repr`` for messages about user input: bounded in depth and length, so that a deeply
+    nested config cannot exhaust the recursion limit and a huge string is not echoed whole."""
+
+    MAX_STRING = 100
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 4
+        self.maxother = 200
+
+    def repr_str(self, x: str, level: int) -> str:
+        return self._truncated(x)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return self._truncated(x)
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 10_000:  # str() of a huge int is refused past 4300 digits
+            return f"<an int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)  # cut to 40 characters
+
+    def _truncated(self, x: str | bytes) -> str:
+        if len(x) <= self.MAX_STRING:
+            return repr(x)
+        return f"{x[: self.MAX_STRING]!r}... ({len(x)} characters)"
+
+
+def _describe(value: object) -> str:
+    """A short ``repr`` of ``value`` for an error message (see ``_ShortRepr``)."""
+    return _ShortRepr().repr(value)
+
+
+def _factor(name: str, value: object, default: float | None) -> float:
+    """Validate a regularization factor and return it as a full-precision Python float.
+
+    ``None`` means ``default``; with no default, ``None`` is refused. Raises ``FactorError``.
+    """
     if value is None:
+        if default is None:
+            raise FactorError(f"{name} must be a finite non-negative real number, got None")
         return default
     if type(value) is float and 0.0 <= value < math.inf:  # the common case, checked first
         return value + 0.0  # -0.0 -> 0.0
@@ -71,19 +124,21 @@ def _factor(name: str, value: object, default: float) -> float:
         or numpy_non_number
         or not isinstance(value, (numbers.Number, Decimal, np.generic))
     ):
-        raise TypeError(
-            f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
+        raise FactorError(
+            f"{name} must be a real number, got {_describe(value)} of type {type(value).__name__}"
         )
     if isinstance(value, (complex, np.complexfloating)):
-        raise ValueError(f"{name} must be a finite non-negative real number, got {value!r}")
+        raise FactorError(f"{name} must be a finite non-negative real number, got {value!r}")
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as error:
-        raise ValueError(
-            f"{name} must be a finite non-negative real number, got {value!r}"
+        raise FactorError(
+            f"{name} must be a finite non-negative real number, got {_describe(value)}"
         ) from error
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite non-negative real number, got {value!r}")
+        raise FactorError(
+            f"{name} must be a finite non-negative real number, got {_describe(value)}"
+        )
     return number + 0.0  # -0.0 -> 0.0
 
 
@@ -100,6 +155,11 @@ class Regularizer:
     @classmethod
     def from_config(cls: type[_R], config: dict[str, Any]) -> _R:
         """Create a regularizer from the dict ``get_config`` returned."""
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"the config of {cls.__name__} must be a dict of its constructor arguments, "
+                f"got {_describe(config)}"
+            )
         return cls(**config)
 
     def get_config(self) -> dict[str, Any]:
@@ -110,9 +170,44 @@ class Regularizer:
 _R = TypeVar("_R", bound=Regularizer)
 
 
-class _Builtin(Regularizer):
-    """What the built-in regularizers share: the training ops with the object's terms, and value
-    semantics (repr, equality and hash by config).
+class _Validated(Regularizer):
+    """What every built-in regularizer has: its arguments are validated when set, at construction
+    and on any later assignment (``reg.l1 = -5`` raises ``FactorError``; a valid assignment is
+    used by the next call), and value semantics (repr, equality and hash by config).
+
+    ``_CHECKS`` maps each validated attribute to its check, which returns the value to store.
+    """
+
+    _CHECKS: ClassVar[dict[str, Callable[[object], object]]] = {}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        check = self._CHECKS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover - every built-in overrides it
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+        return f"{type(self).__name__}({arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        assert isinstance(other, _Validated)
+        return self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__qualname__, *self.get_config().values()))
+
+
+def _factor_check(name: str, default: float | None) -> Callable[[object], object]:
+    """The check of a factor attribute: ``None`` means ``default`` (refused without one)."""
+    return lambda value: _factor(name, value, default)
+
+
+class _Builtin(_Validated):
+    """What the L1/L2 regularizers share: the training ops with the object's terms.
 
     ``_terms()`` gives the factors of the terms present (``None`` leaves a term out): the penalty,
     its gradient and the prox step all follow it, so ``L1(0)`` keeps its term (NaN shows) and
@@ -160,19 +255,6 @@ class _Builtin(Regularizer):
         """``prox_`` of every array of ``xs`` in one call; returns ``xs``."""
         return _l1l2_rs.prox_many_(xs, lr, *self._terms())
 
-    def __repr__(self) -> str:
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"{type(self).__name__}({arguments})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(self) is not type(other):
-            return NotImplemented
-        assert isinstance(other, _Builtin)
-        return self.get_config() == other.get_config()
-
-    def __hash__(self) -> int:
-        return hash((type(self).__qualname__, *self.get_config().values()))
-
 
 def _legacy_l(cls_name: str, name: str, value: float | None, legacy: object) -> object:
     """Resolve TF 2.4's ``l=`` keyword of ``L1``/``L2``."""
@@ -191,8 +273,11 @@ def _legacy_l(cls_name: str, name: str, value: float | None, legacy: object) -> 
 class L1(_Builtin):
     """``l1 * sum(|x|)``. ``L1(0)`` still evaluates the sum: NaN in ``x`` propagates (as Keras)."""
 
+    _CHECKS: ClassVar[dict[str, Callable[[object], object]]] = {"l1": _factor_check("l1", 0.01)}
+    l1: float
+
     def __init__(self, l1: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
-        self.l1 = _factor("l1", _legacy_l("L1", "l1", l1, l), 0.01)
+        self.l1 = _legacy_l("L1", "l1", l1, l)  # type: ignore[assignment]
 
     def _terms(self) -> tuple[float | None, float | None]:
         return self.l1, None
@@ -204,8 +289,11 @@ class L1(_Builtin):
 class L2(_Builtin):
     """``l2 * sum(x**2)``. ``L2(0)`` still evaluates the sum: NaN in ``x`` propagates (as Keras)."""
 
+    _CHECKS: ClassVar[dict[str, Callable[[object], object]]] = {"l2": _factor_check("l2", 0.01)}
+    l2: float
+
     def __init__(self, l2: float | None = None, *, l: Any = _MISSING) -> None:  # noqa: E741
-        self.l2 = _factor("l2", _legacy_l("L2", "l2", l2, l), 0.01)
+        self.l2 = _legacy_l("L2", "l2", l2, l)  # type: ignore[assignment]
 
     def _terms(self) -> tuple[float | None, float | None]:
         return None, self.l2
@@ -217,9 +305,16 @@ class L2(_Builtin):
 class L1L2(_Builtin):
     """``l1 * sum(|x|) + l2 * sum(x**2)``; a zero factor drops its term entirely (as in Keras)."""
 
+    _CHECKS: ClassVar[dict[str, Callable[[object], object]]] = {
+        "l1": _factor_check("l1", 0.0),
+        "l2": _factor_check("l2", 0.0),
+    }
+    l1: float
+    l2: float
+
     def __init__(self, l1: float | None = None, l2: float | None = None) -> None:
-        self.l1 = _factor("l1", l1, 0.0)
-        self.l2 = _factor("l2", l2, 0.0)
+        self.l1 = l1  # type: ignore[assignment]
+        self.l2 = l2  # type: ignore[assignment]
 
     def _terms(self) -> tuple[float | None, float | None]:
         return self.l1 or None, self.l2 or None
@@ -233,11 +328,59 @@ l2 = L2
 
 
 def l1_l2(l1: float | None = 0.01, l2: float | None = 0.01) -> L1L2:
-    """``L1L2`` with TF 2.4's defaults of 0.01 for both factors."""
-    return L1L2(
-        l1=_factor("l1", l1, 0.01),
-        l2=_factor("l2", l2, 0.01),
+    """``L1L2`` with TF 2.4's defaults of 0.01 for both factors; a ``None`` factor is 0.0 (as in
+    tf-keras and Keras 3)."""
+    return L1L2(l1=l1, l2=l2)
+
+
+def _mode(value: object) -> str:
+    if isinstance(value, str) and value in ("rows", "columns"):
+        return value
+    raise ValueError(
+        f"Invalid value for argument `mode`: expected 'rows' or 'columns', got {_describe(value)}"
     )
+
+
+class OrthogonalRegularizer(_Validated):
+    """Keras 3's ``OrthogonalRegularizer``: how far the rows (``mode="rows"``) or the columns
+    (``mode="columns"``) of a matrix are from being orthogonal to each other.
+
+    The penalty is ``factor`` times the mean, over every pair of distinct rows (columns), of the
+    absolute dot product of the two rows (columns) scaled to unit L2 norm. It is computed by the
+    native core in float64 and returned as a numpy scalar of the input's float dtype (float64 for
+    integer and bool input). An all-zero row stays zero (it adds 0 to every pair it is in, as in
+    Keras); a matrix with fewer than two rows (columns) has no pair and a penalty of 0.0 (Keras
+    divides by zero pairs and returns NaN); NaN or infinity in the matrix gives NaN. The input
+    must be a matrix (rank 2). Traced framework tensors get the same formula in the framework's
+    ops, so that it stays differentiable (see ``l1l2_rs._backend``).
+    """
+
+    _CHECKS: ClassVar[dict[str, Callable[[object], object]]] = {
+        "factor": _factor_check("factor", None),
+        "mode": _mode,
+    }
+    factor: float
+    mode: str
+
+    def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
+        self.factor = factor
+        self.mode = mode
+
+    def __call__(self, x: Any) -> Penalty:
+        if isinstance(x, np.ndarray) and x.dtype.kind in "biu":
+            x = x.astype(np.float64)  # the core reads floats; integers are exact in float64
+        try:
+            return _native_orthogonal_penalty(x, self.factor, self.mode)
+        except NotReadable:
+            return orthogonal_penalty_of_unreadable(
+                _native_orthogonal_penalty, x, self.factor, self.mode
+            )
+
+    def get_config(self) -> dict[str, Any]:
+        return {"factor": self.factor, "mode": self.mode}
+
+
+orthogonal_regularizer = OrthogonalRegularizer
 
 
 def _l1l2_terms(l1: object, l2: object) -> tuple[float | None, float | None]:
@@ -333,7 +476,12 @@ def prox_many_(xs: Any, lr: float, l1: float | None = 0.0, l2: float | None = 0.
 # The identifier registry: one place for every name `get` and `deserialize` understand.
 
 #: Built-in class names, as Keras writes them in configs.
-_BUILTIN_CLASSES: dict[str, type[Regularizer]] = {"L1": L1, "L2": L2, "L1L2": L1L2}
+_BUILTIN_CLASSES: dict[str, type[Regularizer]] = {
+    "L1": L1,
+    "L2": L2,
+    "L1L2": L1L2,
+    "OrthogonalRegularizer": OrthogonalRegularizer,
+}
 
 #: String identifiers and what they build. ``"l1_l2"`` is TF 2.4's function with its 0.01 defaults.
 _STRING_IDENTIFIERS: dict[str, Callable[[], Regularizer]] = {
@@ -344,6 +492,8 @@ _STRING_IDENTIFIERS: dict[str, Callable[[], Regularizer]] = {
     "l1_l2": l1_l2,
     "L1L2": L1L2,
     "l1l2": L1L2,
+    "orthogonal_regularizer": OrthogonalRegularizer,
+    "OrthogonalRegularizer": OrthogonalRegularizer,
 }
 
 #: User classes registered with `register_regularizer`, by "package>name".
@@ -406,8 +556,15 @@ def _find_class(
     return _BUILTIN_CLASSES.get(name)
 
 
-def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]:
-    """The config dict of a regularizer: Keras 3's format, or TF 2.4's with ``format="tf2"``.
+@overload
+def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any]: ...
+@overload
+def serialize(regularizer: None, format: str = "keras3") -> None: ...
+
+
+def serialize(regularizer: Regularizer | None, format: str = "keras3") -> dict[str, Any] | None:
+    """The config dict of a regularizer: Keras 3's format, or TF 2.4's with ``format="tf2"``;
+    ``None`` for ``None`` (no regularizer), as in Keras.
 
     Built-in classes serialize under Keras' own names (``module: "keras.regularizers"``): a
     portable config that Keras alone loads as its class, and ``deserialize`` as ours. Keras itself
@@ -415,9 +572,11 @@ def serialize(regularizer: Regularizer, format: str = "keras3") -> dict[str, Any
     registered key ``"l1l2_rs>L1L2"`` and loads them back as l1l2_rs' classes.
     """
     if format not in ("keras3", "tf2"):
-        raise ValueError(f"format must be 'keras3' or 'tf2', got {format!r}")
+        raise ValueError(f"format must be 'keras3' or 'tf2', got {_describe(format)}")
+    if regularizer is None:
+        return None
     if not isinstance(regularizer, Regularizer):
-        raise TypeError(f"serialize expects a Regularizer, got {regularizer!r}")
+        raise TypeError(f"serialize expects a Regularizer or None, got {_describe(regularizer)}")
     cls = type(regularizer)
     config = regularizer.get_config()
     builtin = _BUILTIN_CLASSES.get(cls.__name__) is cls
@@ -437,7 +596,9 @@ def deserialize(
 ) -> Regularizer | Callable[..., Any]:
     """A regularizer from a config in Keras 3's or TF 2.4's format (or a string identifier).
 
-    A missing ``"config"`` means the class defaults; unknown keys in it raise ``TypeError``.
+    A missing (or ``None``) ``"config"`` means the class defaults, as in Keras; anything else that
+    is not a dict raises ``ValueError``, and unknown keys in it raise ``TypeError``. Messages show
+    bad values shortened (nesting and long strings cut), whatever their size or depth.
     """
     if isinstance(config, str):
         if custom_objects and config in custom_objects:
@@ -445,7 +606,8 @@ def deserialize(
         return _from_string(config)
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise ValueError(
-            f"a regularizer config must be a dict with a string 'class_name', got {config!r}"
+            "a regularizer config must be a dict with a string 'class_name', got "
+            + _describe(config)
         )
     class_name: str = config["class_name"]
     registered_name = config.get("registered_name")
@@ -456,12 +618,18 @@ def deserialize(
         cls = _find_class(class_name, custom_objects)
     if cls is None:
         raise ValueError(
-            f"Unknown regularizer class {class_name!r}; accepted: 'L1', 'L2', 'L1L2', "
-            f"registered classes and custom_objects ({_accepted_names()})"
+            f"Unknown regularizer class {_describe(class_name)}; accepted: "
+            f"{', '.join(map(repr, _BUILTIN_CLASSES))}, registered classes and custom_objects "
+            f"({_accepted_names()})"
         )
-    arguments = config.get("config") or {}
+    arguments = config.get("config")
+    if arguments is None:
+        arguments = {}
     if not isinstance(arguments, dict):
-        raise ValueError(f"'config' of a regularizer must be a dict, got {arguments!r}")
+        raise ValueError(
+            f"'config' of a regularizer must be a dict (or None for the defaults), got "
+            f"{_describe(arguments)}"
+        )
     return _instantiate(cls, arguments)
 
 
@@ -471,7 +639,9 @@ def _instantiate(cls: Any, arguments: dict[str, Any]) -> Regularizer | Callable[
     if callable(cls) and not arguments:
         function: Callable[..., Any] = cls  # a plain function registered as a custom object
         return function
-    raise ValueError(f"cannot build a regularizer from {cls!r} with config {arguments!r}")
+    raise ValueError(
+        f"cannot build a regularizer from {_describe(cls)} with config {_describe(arguments)}"
+    )
 
 
 def _from_string(identifier: str) -> Regularizer:
@@ -482,7 +652,7 @@ def _from_string(identifier: str) -> Regularizer:
     if isinstance(cls, type) and issubclass(cls, Regularizer):
         return cls()
     raise ValueError(
-        f"Could not interpret regularizer identifier: {identifier!r}; "
+        f"Could not interpret regularizer identifier: {_describe(identifier)}; "
         f"accepted names: {_accepted_names()}"
     )
 
@@ -507,7 +677,7 @@ def get(identifier: Any) -> Regularizer | Callable[..., Any] | None:
     if callable(identifier):
         function: Callable[..., Any] = identifier
         return function
-    raise ValueError(f"Could not interpret regularizer identifier: {identifier!r}")
+    raise ValueError(f"Could not interpret regularizer identifier: {_describe(identifier)}")
 
 
 def _register_with_keras() -> None:

@@ -68,6 +68,18 @@ pub enum Error {
         /// The element type.
         dtype: DType,
     },
+    /// An operation that reads float inputs only got another type.
+    FloatOnly {
+        /// What refused it, e.g. "the orthogonality penalty".
+        operation: &'static str,
+        /// The element type.
+        dtype: DType,
+    },
+    /// An operation on matrices got an input of another rank.
+    NotAMatrix {
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
     /// A factor, learning rate or scale is out of its range.
     InvalidArgument {
         /// The argument's name.
@@ -176,6 +188,12 @@ impl fmt::Display for Error {
                 f,
                 "a gradient or prox step is written in the input's float dtype; got {dtype}"
             ),
+            Self::FloatOnly { operation, dtype } => {
+                write!(f, "{operation} reads float inputs only; got {dtype}")
+            }
+            Self::NotAMatrix { shape } => {
+                write!(f, "the input must have rank 2 (a matrix), got shape {shape:?}")
+            }
             Self::InvalidArgument {
                 name,
                 value,

@@ -44,6 +44,7 @@ mod extremes;
 mod kernels;
 mod layout;
 mod ops;
+mod orthogonal;
 pub mod parallel;
 mod partial;
 #[cfg(feature = "probe")]
@@ -57,6 +58,7 @@ pub use error::Error;
 pub use half::{bf16, f16};
 pub use kernels::{isa, Isa};
 pub use ops::{prox, prox_many, sums_many, value_and_grad, value_and_grad_many, Factors, Update};
+pub use orthogonal::{orthogonal_penalty, Vectors};
 pub use parallel::{num_threads, set_num_threads};
 pub use partial::SumsPartial;
 pub use view::{ArrayView, ArrayViewMut};

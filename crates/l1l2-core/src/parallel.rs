@@ -439,6 +439,19 @@ fn pool() -> Option<Arc<ThreadPool>> {
     Some(pool)
 }
 
+/// Starts the thread pool now if a call that writes in place, over an input of `input_bytes`,
+/// may run in parallel (such a call counts up to three passes over its input towards
+/// `PARALLEL_MIN_BYTES`). A failure to start it is then reported by [`take_pool_error`] before the
+/// call has written anything, so that a caller who turns the report into an error leaves the
+/// data untouched. Inside a caller's rayon pool, or with one thread, there is nothing to start.
+pub fn start_pool_before_writing(input_bytes: usize) {
+    if input_bytes.saturating_mul(3) >= PARALLEL_MIN_BYTES
+        && rayon::current_thread_index().is_none()
+    {
+        let _ = pool();
+    }
+}
+
 /// The worker count whose pool could not be built (0: none failed).
 static FAILED_WORKERS: AtomicUsize = AtomicUsize::new(0);
 /// Why the last pool could not be built, until someone takes it to report it.
