@@ -19,7 +19,8 @@ const DETACH_MIN_LEN: usize = 1 << 13;
 /// runs; shorter ones skip the few microseconds that costs.
 const INTERRUPTIBLE_MIN_LEN: usize = 1 << 23;
 
-/// Runs `work` with the GIL released, unless the input is too small for that to pay.
+/// Runs `work` with the GIL released, unless the input is too small for that to pay. `len` is
+/// the work in elements read (or, for heavier ops, in multiply-adds).
 pub(crate) fn detach_if_large<R: Send>(
     py: Python<'_>,
     len: usize,

@@ -28,7 +28,15 @@ pub(crate) fn orthogonal_penalty<'py>(
         }
     };
     let view = read_view(x)?;
-    let value = detach_if_large(x.py(), view.len(), || {
+    // The pairs' work (about `len * count` multiply-adds), not the input's size, decides whether
+    // the call is long enough to watch for Ctrl-C: a 2000 x 2000 matrix takes seconds.
+    let count = match (vectors, view.shape()) {
+        (Vectors::Rows, &[rows, _]) => rows,
+        (Vectors::Columns, &[_, columns]) => columns,
+        _ => 1, // not a matrix: the core refuses it
+    };
+    let work = view.len().saturating_mul(count);
+    let value = detach_if_large(x.py(), work, || {
         l1l2_core::orthogonal_penalty(&view, factor, vectors)
     })?
     .map_err(|error| to_py(error, SINGLE))?;

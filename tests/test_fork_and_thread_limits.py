@@ -178,12 +178,17 @@ INTERRUPT_PROBE = textwrap.dedent(
     import numpy as np
     import l1l2_rs
 
-    x = np.ones(10_000_000, np.float32)
-    xs = [x] * 3000  # about 10 s of work in one call
+    if sys.argv[1] == "orthogonal":
+        # 8000 rows of 1000: under 8 Mi elements, but 3.2e10 multiply-adds over the pairs
+        matrix = np.ones((8000, 1000))
+        call = lambda: l1l2_rs.OrthogonalRegularizer(0.01)(matrix)
+    else:
+        xs = [np.ones(10_000_000, np.float32)] * 3000  # about 10 s of work in one call
+        call = lambda: getattr(l1l2_rs, sys.argv[1])(xs)
     threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     start = time.perf_counter()
     try:
-        getattr(l1l2_rs, sys.argv[1])(xs)
+        call()
     except KeyboardInterrupt:
         print(f"interrupted {time.perf_counter() - start:.3f}")
     else:
@@ -193,7 +198,7 @@ INTERRUPT_PROBE = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
-@pytest.mark.parametrize("call", ["sums_many", "penalty_many"])
+@pytest.mark.parametrize("call", ["sums_many", "penalty_many", "orthogonal"])
 def test_ctrl_c_interrupts_a_long_call(call: str) -> None:
     output = _python(INTERRUPT_PROBE, call)
     outcome, seconds = output.split()
