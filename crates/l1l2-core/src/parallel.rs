@@ -120,14 +120,15 @@ where
     }
     let slots: Vec<OnceLock<P>> = pieces.iter().map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
-    spread(&|| loop {
-        let index = next.fetch_add(1, Ordering::Relaxed);
-        let Some(task) = tasks.get(index) else {
-            break;
-        };
-        for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
-            slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
+    spread(&|| {
+        let mut taken = 0;
+        while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+            for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
+                slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
+            }
+            taken += task.len();
         }
+        taken
     });
     // Every piece is done by now; `get_or_init` keeps this total even if one were not.
     let mut index = 0;
@@ -275,32 +276,36 @@ fn merge_walk<P: Partial>(
 }
 
 /// Runs `work` on the calling thread and on every worker of the pool (the caller's rayon pool, or
-/// ours), returning when all have returned. The one place that touches a thread pool.
-fn spread(work: &(impl Fn() + Sync)) {
+/// ours), returning when all have returned. The one place that touches a thread pool. `work`
+/// returns how many pieces it took (for the `probe` feature's trace; unused otherwise).
+fn spread(work: &(impl Fn() -> usize + Sync)) {
+    let trace = trace::Call::start();
+    let work = &|worker: bool| trace.span(worker, work);
     if rayon::current_thread_index().is_some() {
         // Inside a caller's pool: use it. Waiting there steals work, it never sleeps.
         let helpers = rayon::current_num_threads() - 1;
         rayon::in_place_scope(|scope| {
             for _ in 0..helpers {
-                scope.spawn(|_| work());
+                scope.spawn(|_| work(true));
             }
-            work();
+            work(false);
         });
-        return;
+        return trace.finish();
     }
     let Some(pool) = pool() else {
-        return work();
+        work(false);
+        return trace.finish();
     };
     let helpers = pool.current_num_threads();
     let returned = AtomicUsize::new(0);
     pool.in_place_scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| {
-                work();
+                work(true);
                 returned.fetch_add(1, Ordering::Release);
             });
         }
-        work();
+        work(false);
         // Blocking would cost a wake-up of its own (about 10 us on a VM). But a worker the OS
         // woke onto this CPU runs only when this thread lets it: spinning the whole time stalled
         // such calls for the full 200 us, so the wait yields after a short spin.
@@ -312,7 +317,128 @@ fn spread(work: &(impl Fn() + Sync)) {
                 _ => break,
             }
         }
+        trace.caller_waited();
     });
+    trace.finish();
+}
+
+/// What the `probe` feature's engine trace records of one parallel call: when each thread
+/// started and ended its pieces, and how long the caller waited for the workers.
+#[cfg(feature = "probe")]
+pub mod trace {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, PoisonError};
+    use std::time::Instant;
+
+    /// One thread's share of a call, in nanoseconds since the call entered the pool.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Span {
+        /// A pool worker (`false`: the calling thread).
+        pub worker: bool,
+        /// When the thread entered its share of the call.
+        pub start_ns: u64,
+        /// When it found no piece left.
+        pub end_ns: u64,
+        /// Pieces (subtrees of the chunk tree) this thread reduced.
+        pub pieces: usize,
+    }
+
+    /// One parallel call.
+    #[derive(Clone, Debug, Default)]
+    pub struct CallTrace {
+        /// One per thread that joined the call, in the order they ended.
+        pub spans: Vec<Span>,
+        /// When the caller stopped its spin/yield wait (all workers back, or it gave up).
+        pub caller_waited_ns: u64,
+        /// When the call left the pool (every worker job returned).
+        pub end_ns: u64,
+    }
+
+    static ENABLED: AtomicBool = AtomicBool::new(false);
+    static CALLS: Mutex<Vec<CallTrace>> = Mutex::new(Vec::new());
+
+    /// Starts (or stops) recording every parallel call of this process.
+    pub fn record(enabled: bool) {
+        ENABLED.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The calls recorded since the last `take`.
+    pub fn take() -> Vec<CallTrace> {
+        std::mem::take(&mut *CALLS.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub(super) struct Call {
+        origin: Option<Instant>,
+        trace: Mutex<CallTrace>,
+    }
+
+    impl Call {
+        pub(super) fn start() -> Self {
+            Self {
+                origin: ENABLED.load(Ordering::Relaxed).then(Instant::now),
+                trace: Mutex::default(),
+            }
+        }
+
+        fn now(&self) -> Option<u64> {
+            self.origin.map(|origin| origin.elapsed().as_nanos() as u64)
+        }
+
+        pub(super) fn span(&self, worker: bool, work: impl FnOnce() -> usize) {
+            let start_ns = self.now();
+            let pieces = work();
+            if let (Some(start_ns), Some(end_ns)) = (start_ns, self.now()) {
+                let span = Span {
+                    worker,
+                    start_ns,
+                    end_ns,
+                    pieces,
+                };
+                self.lock().spans.push(span);
+            }
+        }
+
+        pub(super) fn caller_waited(&self) {
+            if let Some(now) = self.now() {
+                self.lock().caller_waited_ns = now;
+            }
+        }
+
+        pub(super) fn finish(self) {
+            if let Some(end_ns) = self.now() {
+                let mut trace = self
+                    .trace
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner);
+                trace.end_ns = end_ns;
+                CALLS
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(trace);
+            }
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, CallTrace> {
+            self.trace.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+}
+
+/// Without the `probe` feature the trace is nothing at all.
+#[cfg(not(feature = "probe"))]
+mod trace {
+    pub(super) struct Call;
+
+    impl Call {
+        pub(super) fn start() -> Self {
+            Self
+        }
+        pub(super) fn span(&self, _worker: bool, work: impl FnOnce() -> usize) {
+            work();
+        }
+        pub(super) fn caller_waited(&self) {}
+        pub(super) fn finish(self) {}
+    }
 }
 
 /// 0 = not set: use the environment or the CPU count.
