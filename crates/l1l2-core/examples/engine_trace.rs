@@ -2,10 +2,12 @@
 //! its pieces (its wake-up latency), how the pieces were split between the caller and the
 //! workers, and how long the caller waited for them after its own pieces.
 //!
-//! `cargo run --release -p l1l2-core --features probe --example engine_trace -- [gap_us] [calls]`
+//! `cargo run --release -p l1l2-core --features probe --example engine_trace -- [gap_us] [calls]
+//! [sizes]`
 //!
 //! `gap_us` (default 0) is a pause between calls: 0 is the benchmark pattern (back-to-back
 //! calls), a few hundred us or more the pattern of a training step (the worker has gone to sleep).
+//! `sizes` (comma-separated element counts) defaults to 1e5, 3e5, 1e6, 3e6 and 1e7.
 //! Prints, per dtype and size, quantiles over the calls (min, 25%, median, 75%, 90%, max) in us,
 //! and the load average at the start and end (the figures mean little on a loaded machine).
 
@@ -146,12 +148,18 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let gap = Duration::from_micros(args.next().and_then(|a| a.parse().ok()).unwrap_or(0));
     let calls: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(400);
+    let sizes: Vec<usize> = args.next().map_or(SIZES.to_vec(), |list| {
+        list.split(',')
+            .filter_map(|size| size.parse::<f64>().ok())
+            .map(|size| size as usize)
+            .collect()
+    });
     println!(
         "threads {}, load average at start {}",
         l1l2_core::num_threads(),
         load_average()
     );
-    for len in SIZES {
+    for len in sizes {
         let calls = if len >= 10_000_000 { calls / 4 } else { calls };
         trace_size("f32", |x| x as f32, len, calls, gap);
         trace_size("f64", |x| x, len, calls, gap);
