@@ -42,6 +42,30 @@ pub const CHUNK: usize = 1 << 15;
 /// second thread does not win back what waking it costs (see the README's thread figures).
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
+/// The parallel threshold in force: `PARALLEL_MIN_BYTES`, unless a measurement changed it.
+fn min_bytes() -> usize {
+    #[cfg(feature = "probe")]
+    {
+        match MEASURED_MIN_BYTES.load(Ordering::Relaxed) {
+            0 => PARALLEL_MIN_BYTES,
+            bytes => bytes,
+        }
+    }
+    #[cfg(not(feature = "probe"))]
+    PARALLEL_MIN_BYTES
+}
+
+#[cfg(feature = "probe")]
+static MEASURED_MIN_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the parallel threshold (bytes of work; `0` restores `PARALLEL_MIN_BYTES`), for the
+/// benchmark that measures where a second thread starts to pay (`benches/threshold.py`). Results
+/// do not depend on it.
+#[cfg(feature = "probe")]
+pub fn set_min_bytes_for_measurement(bytes: usize) {
+    MEASURED_MIN_BYTES.store(bytes, Ordering::Relaxed);
+}
+
 /// How deep the chunk tree is cut for a parallel run: at most 128 pieces per tensor, enough to
 /// balance the threads (a piece is at most 1/128 of the input) with few slots.
 const SPLIT_DEPTH: u32 = 7;
@@ -94,7 +118,7 @@ where
         len: lens[tensor],
         leaf: move |range| leaf(tensor, range),
     };
-    if bytes < PARALLEL_MIN_BYTES {
+    if bytes < min_bytes() {
         return (0..lens.len())
             .map(|tensor| tree(tensor).reduce(0..chunk_count(lens[tensor])))
             .collect();
@@ -191,7 +215,7 @@ impl Interrupt {
     fn for_this_call(bytes: usize) -> Self {
         let installed = || INTERRUPT_CHECK.with(|slot| slot.borrow().is_some());
         Self {
-            checked: (bytes >= PARALLEL_MIN_BYTES && installed())
+            checked: (bytes >= min_bytes() && installed())
                 .then(|| (std::thread::current().id(), Mutex::new(Instant::now()))),
             stopped: AtomicBool::new(false),
         }
