@@ -7,7 +7,10 @@
 //!
 //! `gap_us` (default 0) is a pause between calls: 0 is the benchmark pattern (back-to-back
 //! calls), a few hundred us or more the pattern of a training step (the worker has gone to sleep).
-//! `sizes` (comma-separated element counts) defaults to 1e5, 3e5, 1e6, 3e6 and 1e7.
+//! `sizes` (comma-separated element counts) defaults to 1e5, 3e5, 1e6, 3e6 and 1e7. A fourth
+//! argument `cpus` also reads, after each call (outside the timing, which adds some 20 us between
+//! calls), the CPU the caller and the worker last ran on (Linux `/proc`): whether a late worker
+//! had been put on the caller's CPU.
 //! Prints, per dtype and size, quantiles over the calls (min, 25%, median, 75%, 90%, max) in us,
 //! and the load average at the start and end (the figures mean little on a loaded machine).
 
@@ -59,12 +62,34 @@ fn spans(call: &CallTrace) -> (Option<&trace::Span>, Option<&trace::Span>) {
     (caller, worker)
 }
 
+/// The CPU a thread of this process last ran on (`/proc/self/task/<tid>/stat`, field 39).
+fn last_cpu(task: &str) -> Option<usize> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{task}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split_whitespace().nth(36)?.parse().ok()
+}
+
+/// The task ids of this thread and of the pool's first worker (named `l1l2-0`).
+fn caller_and_worker_tasks() -> Option<(String, String)> {
+    let caller = std::fs::read_link("/proc/thread-self").ok()?;
+    let caller = caller.file_name()?.to_string_lossy().into_owned();
+    let worker = std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .find_map(|entry| {
+            let task = entry.ok()?.file_name().to_string_lossy().into_owned();
+            let name = std::fs::read_to_string(format!("/proc/self/task/{task}/comm")).ok()?;
+            (name.trim() == "l1l2-0").then_some(task)
+        })?;
+    Some((caller, worker))
+}
+
 fn trace_size<T: Element>(
     name: &str,
     convert: impl Fn(f64) -> T,
     len: usize,
     calls: usize,
     gap: Duration,
+    cpus: bool,
 ) {
     let data: Vec<T> = (0..len)
         .map(|i| convert((i % 1000) as f64 * 1e-3 - 0.5))
@@ -73,6 +98,8 @@ fn trace_size<T: Element>(
         std::hint::black_box(l1l2_core::sums(&data)); // warm the pool and the caches
     }
     trace::take();
+    let tasks = caller_and_worker_tasks().filter(|_| cpus);
+    let mut same_cpu = Vec::new();
     trace::record(true);
     let mut totals = Vec::new();
     for _ in 0..calls {
@@ -82,6 +109,9 @@ fn trace_size<T: Element>(
         let start = Instant::now();
         std::hint::black_box(l1l2_core::sums(std::hint::black_box(&data)));
         totals.push(start.elapsed().as_secs_f64() * 1e6);
+        if let Some((caller, worker)) = &tasks {
+            same_cpu.push(last_cpu(caller).is_some() && last_cpu(caller) == last_cpu(worker));
+        }
     }
     trace::record(false);
     let traced = trace::take();
@@ -105,7 +135,8 @@ fn trace_size<T: Element>(
     let mut caller_wait = Vec::new();
     let mut worker_share = Vec::new();
     let mut idle_worker = 0;
-    for call in &traced {
+    let mut late_on_callers_cpu = [0, 0]; // [late, on time] calls whose worker shared the CPU
+    for (index, call) in traced.iter().enumerate() {
         let (Some(caller), worker) = spans(call) else {
             continue;
         };
@@ -118,6 +149,9 @@ fn trace_size<T: Element>(
             worker_share.push(100.0 * worker.pieces as f64 / pieces as f64);
             if worker.pieces == 0 {
                 idle_worker += 1;
+            }
+            if same_cpu.get(index) == Some(&true) {
+                late_on_callers_cpu[usize::from(worker.pieces != 0)] += 1;
             }
         }
     }
@@ -142,6 +176,12 @@ fn trace_size<T: Element>(
         "  calls where the worker came too late to take a piece: {idle_worker} of {}",
         traced.len()
     );
+    if !same_cpu.is_empty() {
+        println!(
+            "  worker last ran on the caller's CPU: {} of the late calls, {} of the others",
+            late_on_callers_cpu[0], late_on_callers_cpu[1]
+        );
+    }
 }
 
 fn main() {
@@ -154,6 +194,7 @@ fn main() {
             .map(|size| size as usize)
             .collect()
     });
+    let cpus = args.next().is_some_and(|arg| arg == "cpus");
     println!(
         "threads {}, load average at start {}",
         l1l2_core::num_threads(),
@@ -161,8 +202,8 @@ fn main() {
     );
     for len in sizes {
         let calls = if len >= 10_000_000 { calls / 4 } else { calls };
-        trace_size("f32", |x| x as f32, len, calls, gap);
-        trace_size("f64", |x| x, len, calls, gap);
+        trace_size("f32", |x| x as f32, len, calls, gap, cpus);
+        trace_size("f64", |x| x, len, calls, gap, cpus);
     }
     println!("load average at end {}", load_average());
 }
