@@ -6,7 +6,25 @@ memory-bandwidth roofline measured in the same run.
 
 Method: for each (dtype, size, layout) the candidates are timed *interleaved*: every sample round
 calls each candidate once (many calls per sample for small sizes), so that frequency changes and
-noisy neighbours hit every candidate alike; the figure is the median over the rounds.
+noisy neighbours hit every candidate alike; the figure is the median over the rounds, and beside
+it the interquartile range (IQR: 75th minus 25th percentile of the rounds) as a percentage of the
+median. The IQR says how much a figure can be trusted: a few per cent is a stable timing, tens of
+per cent a bimodal or disturbed one (a thread pool that wakes late on some calls, a neighbour).
+After each sample the run sleeps ``--settle`` ms so that a thread runtime that spins after its
+calls (OpenMP's workers spin for a few ms) has gone idle before the next candidate's sample.
+
+C reference: ``benches/c_roofline/c_roofline.c``, compiled at startup with the system ``gcc``
+(flags in ``C_ROOFLINE_CFLAGS``, default ``-O3 -march=native -mprefer-vector-width=512 -fopenmp``;
+the file says how to build it by hand). It is the same fused math as l1l2_rs (|x| and x^2 summed
+in float64 accumulators) in plain C, a CPython C-API extension (no ctypes cost), on one thread
+("C 1 thread") and on an OpenMP team as large as l1l2_rs' thread count ("C OpenMP"), plus a copy
+(memcpy on one thread / OpenMP halves), the floor of the ops that write an array. Without gcc the
+C columns are left out.
+
+torch runs in a separate process after the main pass (``--torch-pass``): its OpenMP workers spin
+for a few ms after each call and, on a 2-CPU machine, slowed the candidate timed next (1e6 float32
+l1l2_rs read 253 us next to torch and 60 us without). Its figures are therefore not interleaved
+with the others'.
 
 Roofline, in a build with the ``probe`` feature (``MATURIN_PEP517_ARGS="--features probe" pip
 install .``; without it the column is left out): ``l1l2_rs._l1l2_rs._read_probe(x)`` XORs every
@@ -15,6 +33,11 @@ XOR costs one vector instruction per 16-64 bytes (compiled per ISA like the kern
 the first 64-byte boundary on), so the probe runs at what the memory (or cache) delivers to these
 threads plus one extension call: no one-pass penalty in an extension can be faster.
 "x roofline" is time / probe time.
+
+Ops (float32/float64 contiguous, sizes 1e5..1e7 of the run): ``value_and_grad`` into a
+preallocated ``out`` and ``prox_`` in place, next to ``np.copyto`` and the C copy, which read and
+write as many bytes. Many tensors: ``penalty_many`` over the ResNet-50 parameter list
+(``--shapes``) next to one ``penalty`` call over one array of the same total size.
 
 BLAS: the run holds BLAS (numpy's dot) to one thread with threadpoolctl. OpenBLAS' idle threads
 spin for a long while after each call, and on a 2-core machine they would slow down whatever
@@ -27,13 +50,21 @@ array (after a warm-up call on a small one), for each candidate and layout.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -45,39 +76,59 @@ L1, L2 = 1e-4, 1e-3
 Candidate = Callable[[], Any]
 
 
-def optional_candidates(x: np.ndarray) -> dict[str, Candidate]:
-    found: dict[str, Candidate] = {}
-    try:
-        import numba
-
-        @numba.njit(parallel=True, fastmath=False, cache=False)
-        def fused(values: np.ndarray) -> float:
-            total_abs = 0.0
-            total_sq = 0.0
-            for i in numba.prange(values.size):
-                v = float(values[i])
-                total_abs += abs(v)
-                total_sq += v * v
-            return L1 * total_abs + L2 * total_sq
-
-        flat = x.reshape(-1) if x.flags.c_contiguous else None
-        if flat is not None and x.dtype in (np.float32, np.float64):
-            fused(flat)  # compile outside the timing
-            found["numba fused"] = lambda: fused(flat)
-    except ImportError:
-        pass
+def torch_candidates(x: np.ndarray) -> dict[str, Candidate]:
+    """torch's penalty, for the separate ``--torch-pass`` process only (see the module docs)."""
     try:
         import torch
-
-        if x.dtype in (np.float32, np.float64):
-            tensor = torch.from_numpy(np.ascontiguousarray(x) if not x.flags.c_contiguous else x)
-            found["torch"] = lambda: L1 * tensor.abs().sum() + L2 * tensor.square().sum()
     except ImportError:
-        pass
-    return found
+        return {}
+    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous:
+        return {}
+    tensor = torch.from_numpy(x)
+    return {"torch": lambda: L1 * tensor.abs().sum() + L2 * tensor.square().sum()}
 
 
-def candidates(x: np.ndarray, contiguous: bool) -> dict[str, Candidate]:
+C_SOURCE = Path(__file__).parent / "c_roofline" / "c_roofline.c"
+C_FLAGS = "-O3 -march=native -mprefer-vector-width=512 -fopenmp"
+
+
+def build_c_reference() -> tuple[ModuleType | None, str]:
+    """Compiles and imports the C reference; ``(None, why)`` when that is not possible."""
+    flags = shlex.split(os.environ.get("C_ROOFLINE_CFLAGS", C_FLAGS))
+    target = Path(tempfile.mkdtemp(prefix="c_roofline_")) / (
+        "_c_roofline" + str(sysconfig.get_config_var("EXT_SUFFIX"))
+    )
+    include = sysconfig.get_paths()["include"]
+    command = ["gcc", *flags, "-fPIC", "-shared", f"-I{include}", str(C_SOURCE), "-o", str(target)]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        return None, f"C reference not built ({' '.join(command)}): {error}"
+    spec = importlib.util.spec_from_file_location("_c_roofline", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    check_c_reference(module)
+    return module, " ".join(command)
+
+
+def check_c_reference(module: ModuleType) -> None:
+    """The C sums agree with math.fsum on both dtypes and thread counts (to float64 rounding)."""
+    import math
+
+    for dtype in (np.float32, np.float64):
+        x = make(10_007, dtype)
+        values = [float(v) for v in x]
+        exact = (math.fsum(abs(v) for v in values), math.fsum(v * v for v in values))
+        for threads in (1, 2):
+            found = module.sums(x, threads)
+            if not all(
+                math.isclose(f, e, rel_tol=1e-12) for f, e in zip(found, exact, strict=True)
+            ):
+                raise RuntimeError(f"C reference disagrees with fsum: {found} vs {exact}")
+
+
+def candidates(x: np.ndarray, contiguous: bool, c_ref: ModuleType | None) -> dict[str, Candidate]:
     regularizer = l1l2_rs.L1L2(L1, L2)
     table: dict[str, Candidate] = {"l1l2_rs": lambda: regularizer(x)}
     # numpy's float16 reductions run at ~30 Melem/s: past 1e7 they only make the run long.
@@ -90,13 +141,36 @@ def candidates(x: np.ndarray, contiguous: bool) -> dict[str, Candidate]:
     read_probe = getattr(_l1l2_rs, "_read_probe", None)
     if contiguous and read_probe is not None:
         table["roofline"] = lambda: read_probe(x)
-    if contiguous:
-        table.update(optional_candidates(x))
+    if contiguous and c_ref is not None and x.dtype in (np.float32, np.float64):
+        threads = l1l2_rs.get_num_threads()
+        table["C 1 thread"] = lambda: c_ref.penalty(x, L1, L2, 1)
+        table["C OpenMP"] = lambda: c_ref.penalty(x, L1, L2, threads)
     return table
 
 
-def time_interleaved(table: dict[str, Candidate], rounds: int, budget: float) -> dict[str, float]:
-    """Median seconds per call of each candidate, over interleaved rounds."""
+@dataclass
+class Timing:
+    """Seconds per call over the sample rounds: median and quartiles."""
+
+    median: float
+    q1: float
+    q3: float
+
+    @property
+    def iqr_percent(self) -> float:
+        return 100 * (self.q3 - self.q1) / self.median
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(median, q1, q3)
+
+
+def time_interleaved(
+    table: dict[str, Candidate], rounds: int, budget: float, settle: float = 0.0
+) -> dict[str, Timing]:
+    """Median and quartiles of seconds per call of each candidate, over interleaved rounds;
+    ``settle`` seconds of sleep after each sample let spinning thread runtimes go idle."""
     calls = {}
     for name, function in table.items():  # calibrate: each sample lasts >= ~budget / rounds
         function()
@@ -113,7 +187,9 @@ def time_interleaved(table: dict[str, Candidate], rounds: int, budget: float) ->
             for _ in range(count):
                 function()
             samples[name].append((time.perf_counter() - start) / count)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            if settle:
+                time.sleep(settle)
+    return {name: Timing.of(values) for name, values in samples.items()}
 
 
 MEMORY_PROBE = """
@@ -168,6 +244,121 @@ def layouts(x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def row(dtype: str, x: np.ndarray, layout: str, candidate: str, timing: Timing) -> dict[str, Any]:
+    return {
+        "dtype": dtype,
+        "size": int(x.size),
+        "layout": layout,
+        "candidate": candidate,
+        "seconds": timing.median,
+        "q1_seconds": timing.q1,
+        "q3_seconds": timing.q3,
+        "iqr_percent": timing.iqr_percent,
+        "bytes": int(x.size * x.dtype.itemsize),
+    }
+
+
+def print_case(name: str, x: np.ndarray, layout: str, times: dict[str, Timing]) -> None:
+    print(
+        f"{name:8} {x.size:>11,} {layout:15} "
+        + "  ".join(
+            f"{c}={t.median * 1e6:.2f}us[iqr {t.iqr_percent:.0f}%]" for c, t in times.items()
+        ),
+        flush=True,
+    )
+
+
+def penalty_rows(
+    dtypes: list[Any],
+    sizes: list[int],
+    time_table: Callable[[dict[str, Candidate]], dict[str, Timing]],
+    make_table: Callable[[np.ndarray, bool], dict[str, Candidate]],
+    contiguous_only: bool = False,
+) -> list[dict[str, Any]]:
+    rows = []
+    for dtype in dtypes:
+        name = np.dtype(dtype).name
+        for size in sizes:
+            base = make(size, dtype)
+            for layout, x in layouts(base).items():
+                if layout != "contiguous" and (
+                    contiguous_only or dtype not in (np.float32, np.float64, np.float16)
+                ):
+                    continue
+                table = make_table(x, layout == "contiguous")
+                if not table:
+                    continue
+                times = time_table(table)
+                rows += [row(name, x, layout, c, t) for c, t in times.items()]
+                print_case(name, x, layout, times)
+    return rows
+
+
+def op_rows(
+    dtypes: list[Any],
+    sizes: list[int],
+    time_table: Callable[[dict[str, Candidate]], dict[str, Timing]],
+    c_ref: ModuleType | None,
+) -> list[dict[str, Any]]:
+    """value_and_grad and prox_ next to a plain copy of as many bytes (float32/float64)."""
+    rows = []
+    threads = l1l2_rs.get_num_threads()
+    for dtype in [d for d in dtypes if d in (np.float32, np.float64)]:
+        for size in [s for s in sizes if 10**5 <= s <= 10**7]:
+            x = make(size, dtype)
+            shrunk = x.copy()  # prox_ shrinks it by ~1e-7 a call: never near zero in a run
+            out = np.empty_like(x)
+            table: dict[str, Candidate] = {
+                "value_and_grad": lambda x=x, out=out: l1l2_rs.value_and_grad(x, L1, L2, out=out),
+                "prox_": lambda y=shrunk: l1l2_rs.prox_(y, 1e-3, L1, L2),
+                "np.copyto": lambda x=x, out=out: np.copyto(out, x),
+            }
+            if c_ref is not None:
+                table["C copy 1 thread"] = lambda x=x, out=out: c_ref.copy(out, x, 1)
+                table["C copy OpenMP"] = lambda x=x, out=out: c_ref.copy(out, x, threads)
+            times = time_table(table)
+            name = np.dtype(dtype).name
+            rows += [row(name, x, "ops", c, t) for c, t in times.items()]
+            print_case(name, x, "ops", times)
+    return rows
+
+
+def many_tensor_rows(
+    shapes_file: Path, time_table: Callable[[dict[str, Candidate]], dict[str, Timing]]
+) -> list[dict[str, Any]]:
+    """penalty_many over a model's parameter list next to one penalty over as many elements."""
+    shapes = [tuple(shape) for shape in json.loads(shapes_file.read_text())["shapes"]]
+    params = [make(int(np.prod(shape)), np.float32).reshape(shape) for shape in shapes]
+    total = sum(p.size for p in params)
+    flat = make(total, np.float32)
+    times = time_table(
+        {
+            f"penalty_many ({len(params)} tensors)": lambda: l1l2_rs.penalty_many(params, L1, L2),
+            "penalty (one array)": lambda: l1l2_rs.penalty(flat, L1, L2),
+        }
+    )
+    print_case("float32", flat, "many tensors", times)
+    return [row("float32", flat, "many tensors", c, t) for c, t in times.items()]
+
+
+def torch_pass(args: argparse.Namespace, dtypes: list[Any], sizes: list[int]) -> list[Any]:
+    """Runs the torch candidates in a child process (see the module docs); its rows."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    names = ",".join(np.dtype(d).name for d in dtypes if d in (np.float32, np.float64))
+    if not names:
+        return []
+    command = [sys.executable, __file__, "--torch-pass", "--dtypes", names]
+    command += ["--sizes", ",".join(map(str, sizes)), "--settle", str(args.settle)]
+    command += ["--quick"] if args.quick else []
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    sys.stderr.write(done.stderr)
+    rows: list[Any] = json.loads(done.stdout.splitlines()[-1])
+    for found in rows:
+        print(f"torch pass: {found['dtype']} {found['size']:>11,} {found['seconds'] * 1e6:.2f}us")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -176,6 +367,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--dtypes", default="float32,float64,float16,bfloat16")
     parser.add_argument("--sizes", help="comma-separated element counts (default 1e3..1e8)")
+    parser.add_argument("--settle", type=float, default=10.0, help="ms of sleep after a sample")
+    parser.add_argument(
+        "--shapes",
+        type=Path,
+        default=Path("/work/shared/data/resnet50_shapes.json"),
+        help="JSON {'shapes': [...]} of a model's parameters, for the many-tensor row",
+    )
+    parser.add_argument("--torch-pass", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--replot", action="store_true", help="redraw the plot from compare.json")
     args = parser.parse_args()
     if args.replot:
@@ -200,8 +399,16 @@ def main() -> int:
     }
     dtypes = [known[name] for name in args.dtypes.split(",") if known.get(name) is not None]
 
-    rows: list[dict[str, Any]] = []
-    memory: dict[str, dict[str, int]] = {}
+    def time_table(table: dict[str, Candidate]) -> dict[str, Timing]:
+        return time_interleaved(table, rounds, budget, args.settle / 1e3)
+
+    if args.torch_pass:
+        rows = penalty_rows(
+            dtypes, sizes, time_table, lambda x, _: torch_candidates(x), contiguous_only=True
+        )
+        print(json.dumps(rows))
+        return 0
+
     largest = sizes[-1]
     memory = {"float32": extra_memory(largest)}
 
@@ -212,31 +419,15 @@ def main() -> int:
     except ImportError:
         print("threadpoolctl not installed: BLAS threads may disturb the timings", file=sys.stderr)
 
-    for dtype in dtypes:
-        name = np.dtype(dtype).name
-        for size in sizes:
-            base = make(size, dtype)
-            for layout, x in layouts(base).items():
-                if layout != "contiguous" and dtype not in (np.float32, np.float64, np.float16):
-                    continue
-                contiguous = layout == "contiguous"
-                times = time_interleaved(candidates(x, contiguous), rounds, budget)
-                for candidate, seconds in times.items():
-                    rows.append(
-                        {
-                            "dtype": name,
-                            "size": int(x.size),
-                            "layout": layout,
-                            "candidate": candidate,
-                            "seconds": seconds,
-                            "bytes": int(x.size * x.dtype.itemsize),
-                        }
-                    )
-                print(
-                    f"{name:8} {x.size:>11,} {layout:15} "
-                    + "  ".join(f"{c}={s * 1e6:.2f}us" for c, s in times.items()),
-                    flush=True,
-                )
+    c_ref, c_build = build_c_reference()
+    print(c_build, flush=True)
+    load_before = os.getloadavg()
+    rows = penalty_rows(
+        dtypes, sizes, time_table, lambda x, contiguous: candidates(x, contiguous, c_ref)
+    )
+    rows += op_rows(dtypes, sizes, time_table, c_ref)
+    if args.shapes.exists():
+        rows += many_tensor_rows(args.shapes, time_table)
 
     # Threads: 1 vs 2 at 1e6 float32 (same process, same data, interleaved).
     x = make(1_000_000, np.float32)
@@ -249,10 +440,9 @@ def main() -> int:
 
         return call
 
-    thread_times = time_interleaved(
-        {"1 thread": with_threads(1), "2 threads": with_threads(2)}, rounds, budget
-    )
+    thread_times = time_table({"1 thread": with_threads(1), "2 threads": with_threads(2)})
     l1l2_rs.set_num_threads(0)
+    rows += torch_pass(args, dtypes, sizes)
 
     report = {
         "machine": {
@@ -263,12 +453,16 @@ def main() -> int:
             "numpy": np.__version__,
             "simd": l1l2_rs.simd_isa(),
             "threads": l1l2_rs.get_num_threads(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
         "command": " ".join(["python", *sys.argv]),
+        "c_reference_build": c_build,
         "rows": rows,
         "extra_memory_bytes": memory,
         "extra_memory_elements": largest,
-        "threads_1e6_float32_seconds": thread_times,
+        "threads_1e6_float32_seconds": {k: t.median for k, t in thread_times.items()},
+        "threads_1e6_float32_iqr_percent": {k: t.iqr_percent for k, t in thread_times.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(report, indent=1))
@@ -292,39 +486,48 @@ def cpu_model() -> str:
 def markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     index = {(r["dtype"], r["size"], r["layout"], r["candidate"]): r for r in rows}
+    threads = report["machine"]["threads"]
     lines = [
-        "| dtype | size | layout | l1l2_rs | GB/s | x roofline | numpy naive | numpy / ours "
-        "| numpy abs+dot (1-thread BLAS) | others |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "Times are medians over the sample rounds; (n%) beside a time is its interquartile range "
+        "(75th minus 25th percentile of the rounds) as a percentage of the median.",
+        "",
+        f"| dtype | size | layout | l1l2_rs | GB/s | x roofline | C 1 thread | C OpenMP "
+        f"({threads} threads) | ours / C OpenMP | numpy naive | numpy / ours "
+        "| numpy abs+dot (1-thread BLAS) | torch (own process) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    cases = sorted({(r["dtype"], r["size"], r["layout"]) for r in rows})
+    penalty_layouts = ("contiguous", "x[::2]", "transposed 2-D")
+    cases = sorted(
+        {(r["dtype"], r["size"], r["layout"]) for r in rows if r["layout"] in penalty_layouts}
+    )
     for case in cases:
-        ours = index[(*case, "l1l2_rs")]
+        ours = index.get((*case, "l1l2_rs"))
+        if ours is None:
+            continue
         seconds = ours["seconds"]
 
-        def time_of(candidate: str, case: tuple[str, int, str] = case) -> float | None:
-            row = index.get((*case, candidate))
-            return None if row is None else float(row["seconds"])
+        def get(candidate: str, case: tuple[str, int, str] = case) -> dict[str, Any] | None:
+            return index.get((*case, candidate))
 
-        roof, naive, dot = time_of("roofline"), time_of("numpy naive"), time_of("numpy abs+dot")
-        others = [
-            f"{c}: {format_time(t)}"
-            for c in ("numba fused", "torch")
-            if (t := time_of(c)) is not None
-        ]
+        roof, naive, dot = get("roofline"), get("numpy naive"), get("numpy abs+dot")
+        c_omp = get("C OpenMP")
         cells = [
             case[0],
             f"{case[1]:.0e}",
             case[2],
-            format_time(seconds),
+            with_iqr(ours),
             f"{ours['bytes'] / seconds / 1e9:.1f}",
-            f"{seconds / roof:.2f}" if roof else "-",
-            format_time(naive) if naive else "-",
-            f"{naive / seconds:.1f}" if naive else "-",
-            format_time(dot) if dot else "-",
-            ", ".join(others) or "-",
+            f"{seconds / roof['seconds']:.2f}" if roof else "-",
+            with_iqr(get("C 1 thread")),
+            with_iqr(c_omp),
+            f"{seconds / c_omp['seconds']:.2f}" if c_omp else "-",
+            with_iqr(naive),
+            f"{naive['seconds'] / seconds:.1f}" if naive else "-",
+            with_iqr(dot),
+            with_iqr(get("torch")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ops_markdown(rows, index)
     memory = report["extra_memory_bytes"]["float32"]
     lines.append("")
     lines.append(
@@ -332,12 +535,69 @@ def markdown(report: dict[str, Any]) -> str:
         "(fresh process each): "
         + ", ".join(f"{name} {value / 2**20:.1f} MiB" for name, value in memory.items())
     )
-    threads = report["threads_1e6_float32_seconds"]
+    times = report["threads_1e6_float32_seconds"]
+    iqr = report["threads_1e6_float32_iqr_percent"]
     lines.append(
-        f"1e6 float32: 1 thread {format_time(threads['1 thread'])}, 2 threads "
-        f"{format_time(threads['2 threads'])} ({threads['1 thread'] / threads['2 threads']:.2f}x)"
+        f"1e6 float32: 1 thread {format_time(times['1 thread'])} ({iqr['1 thread']:.0f}%), "
+        f"2 threads {format_time(times['2 threads'])} ({iqr['2 threads']:.0f}%) "
+        f"({times['1 thread'] / times['2 threads']:.2f}x)"
+    )
+    load = report["machine"]
+    lines.append(
+        f"Load average (1, 5, 15 min) before the run {fmt_load(load['load_average_before'])}, "
+        f"after {fmt_load(load['load_average_after'])}."
     )
     return "\n".join(lines) + "\n"
+
+
+def ops_markdown(rows: list[dict[str, Any]], index: dict[Any, dict[str, Any]]) -> list[str]:
+    """The value_and_grad / prox_ table and the many-tensor line."""
+    lines = [
+        "",
+        "| dtype | size | value_and_grad | prox_ | np.copyto | vag / copyto "
+        "| prox_ / copyto | C copy 1 thread | C copy OpenMP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cases = sorted({(r["dtype"], r["size"]) for r in rows if r["candidate"] == "prox_"})
+    for dtype, size in cases:
+
+        def get(candidate: str, case: tuple[str, int] = (dtype, size)) -> dict[str, Any] | None:
+            return index.get((*case, "ops", candidate))
+
+        vag, prox, copy = get("value_and_grad"), get("prox_"), get("np.copyto")
+        assert vag is not None and prox is not None and copy is not None
+        cells = [
+            dtype,
+            f"{size:.0e}",
+            with_iqr(vag),
+            with_iqr(prox),
+            with_iqr(copy),
+            f"{vag['seconds'] / copy['seconds']:.2f}",
+            f"{prox['seconds'] / copy['seconds']:.2f}",
+            with_iqr(get("C copy 1 thread")),
+            with_iqr(get("C copy OpenMP")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    many = [r for r in rows if r["layout"] == "many tensors"]
+    if len(many) == 2:
+        lines += [
+            "",
+            "Many tensors (float32, "
+            + f"{many[0]['size']:,} elements): "
+            + ", ".join(f"{r['candidate']} {with_iqr(r)}" for r in many)
+            + f" (ratio {many[0]['seconds'] / many[1]['seconds']:.2f})",
+        ]
+    return lines
+
+
+def with_iqr(found: dict[str, Any] | None) -> str:
+    if found is None:
+        return "-"
+    return f"{format_time(found['seconds'])} ({found['iqr_percent']:.0f}%)"
+
+
+def fmt_load(load: list[float]) -> str:
+    return "/".join(f"{value:.2f}" for value in load)
 
 
 def format_time(seconds: float) -> str:
@@ -351,7 +611,8 @@ COLORS = {
     "roofline": "tab:red",
     "numpy naive": "tab:green",
     "numpy abs+dot": "tab:orange",
-    "numba fused": "tab:purple",
+    "C 1 thread": "tab:gray",
+    "C OpenMP": "tab:purple",
     "torch": "tab:brown",
 }
 

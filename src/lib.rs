@@ -45,6 +45,8 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     xla_ffi::register(m)?;
     #[cfg(feature = "probe")]
     m.add_function(wrap_pyfunction!(probe::_read_probe, m)?)?;
+    #[cfg(feature = "probe")]
+    m.add_function(wrap_pyfunction!(probe::_set_parallel_min_bytes, m)?)?;
     m.add("NotReadable", m.py().get_type::<errors::NotReadable>())?;
     m.add("CHUNK_LEN", l1l2_core::parallel::CHUNK)?;
     m.add(

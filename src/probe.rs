@@ -27,3 +27,10 @@ pub(crate) fn _read_probe(array: &Bound<'_, PyUntypedArray>) -> PyResult<u64> {
     let slice = unsafe { std::slice::from_raw_parts(data.add(skip).cast::<u64>(), words) };
     Ok(array.py().detach(|| l1l2_core::probe::read_probe(slice)))
 }
+
+/// Benchmark aid: sets the parallel threshold in bytes of work (`0` restores the default), so
+/// that `benches/threshold.py` can time two threads below it. Not part of the public API.
+#[pyfunction]
+pub(crate) fn _set_parallel_min_bytes(bytes: usize) {
+    l1l2_core::parallel::set_min_bytes_for_measurement(bytes);
+}

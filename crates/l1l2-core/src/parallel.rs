@@ -12,6 +12,10 @@
 //! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
 //! left. When its pieces are done, the caller waits for the workers without sleeping (a short
 //! spin, then yielding its CPU), which spares it a wake-up of its own (on virtual machines, ~10 us).
+//! After a call each worker stays awake for up to `LINGER` (500 us), spinning until the next call
+//! starts: a call that follows within that time finds its workers running on their own CPUs
+//! instead of paying their wake-up (15-70 us measured on a 2-vCPU VM) or finding them woken onto
+//! the caller's CPU. Longer idle spells cost no CPU: the workers then sleep in the pool.
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
@@ -42,6 +46,30 @@ pub const CHUNK: usize = 1 << 15;
 /// second thread does not win back what waking it costs (see the README's thread figures).
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
+/// The parallel threshold in force: `PARALLEL_MIN_BYTES`, unless a measurement changed it.
+fn min_bytes() -> usize {
+    #[cfg(feature = "probe")]
+    {
+        match MEASURED_MIN_BYTES.load(Ordering::Relaxed) {
+            0 => PARALLEL_MIN_BYTES,
+            bytes => bytes,
+        }
+    }
+    #[cfg(not(feature = "probe"))]
+    PARALLEL_MIN_BYTES
+}
+
+#[cfg(feature = "probe")]
+static MEASURED_MIN_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the parallel threshold (bytes of work; `0` restores `PARALLEL_MIN_BYTES`), for the
+/// benchmark that measures where a second thread starts to pay (`benches/threshold.py`). Results
+/// do not depend on it.
+#[cfg(feature = "probe")]
+pub fn set_min_bytes_for_measurement(bytes: usize) {
+    MEASURED_MIN_BYTES.store(bytes, Ordering::Relaxed);
+}
+
 /// How deep the chunk tree is cut for a parallel run: at most 128 pieces per tensor, enough to
 /// balance the threads (a piece is at most 1/128 of the input) with few slots.
 const SPLIT_DEPTH: u32 = 7;
@@ -50,6 +78,15 @@ const SPLIT_DEPTH: u32 = 7;
 /// then yielding its CPU (see `spread`).
 const SPIN: Duration = Duration::from_micros(5);
 const WAIT: Duration = Duration::from_micros(200);
+
+/// How long a worker stays awake after a call, spinning on its CPU for the next one before it
+/// goes back to the pool to sleep (OpenMP runtimes do the same). A sleeping worker is woken by the
+/// OS onto a CPU of its choosing, often the caller's own, where it cannot run before the caller
+/// has done all the work alone; a spinning one keeps its CPU and joins the next call at once.
+const LINGER: Duration = Duration::from_micros(500);
+
+/// Parallel calls started in this process: a lingering worker stops spinning when it changes.
+static CALLS_STARTED: AtomicUsize = AtomicUsize::new(0);
 
 /// Reduces `0..len` with `leaf` over chunks, in parallel when that pays, always along the same
 /// tree. `element_size` (bytes) sizes the work for the parallel threshold.
@@ -94,7 +131,7 @@ where
         len: lens[tensor],
         leaf: move |range| leaf(tensor, range),
     };
-    if bytes < PARALLEL_MIN_BYTES {
+    if bytes < min_bytes() {
         return (0..lens.len())
             .map(|tensor| tree(tensor).reduce(0..chunk_count(lens[tensor])))
             .collect();
@@ -120,14 +157,15 @@ where
     }
     let slots: Vec<OnceLock<P>> = pieces.iter().map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
-    spread(&|| loop {
-        let index = next.fetch_add(1, Ordering::Relaxed);
-        let Some(task) = tasks.get(index) else {
-            break;
-        };
-        for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
-            slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
+    spread(&|| {
+        let mut taken = 0;
+        while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+            for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
+                slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
+            }
+            taken += task.len();
         }
+        taken
     });
     // Every piece is done by now; `get_or_init` keeps this total even if one were not.
     let mut index = 0;
@@ -190,7 +228,7 @@ impl Interrupt {
     fn for_this_call(bytes: usize) -> Self {
         let installed = || INTERRUPT_CHECK.with(|slot| slot.borrow().is_some());
         Self {
-            checked: (bytes >= PARALLEL_MIN_BYTES && installed())
+            checked: (bytes >= min_bytes() && installed())
                 .then(|| (std::thread::current().id(), Mutex::new(Instant::now()))),
             stopped: AtomicBool::new(false),
         }
@@ -275,32 +313,37 @@ fn merge_walk<P: Partial>(
 }
 
 /// Runs `work` on the calling thread and on every worker of the pool (the caller's rayon pool, or
-/// ours), returning when all have returned. The one place that touches a thread pool.
-fn spread(work: &(impl Fn() + Sync)) {
+/// ours), returning when all have returned. The one place that touches a thread pool. `work`
+/// returns how many pieces it took (for the `probe` feature's trace; unused otherwise).
+fn spread(work: &(impl Fn() -> usize + Sync)) {
+    let trace = trace::Call::start();
+    let work = &|worker: bool| trace.span(worker, work);
     if rayon::current_thread_index().is_some() {
         // Inside a caller's pool: use it. Waiting there steals work, it never sleeps.
         let helpers = rayon::current_num_threads() - 1;
         rayon::in_place_scope(|scope| {
             for _ in 0..helpers {
-                scope.spawn(|_| work());
+                scope.spawn(|_| work(true));
             }
-            work();
+            work(false);
         });
-        return;
+        return trace.finish();
     }
     let Some(pool) = pool() else {
-        return work();
+        work(false);
+        return trace.finish();
     };
     let helpers = pool.current_num_threads();
     let returned = AtomicUsize::new(0);
+    CALLS_STARTED.fetch_add(1, Ordering::Release);
     pool.in_place_scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| {
-                work();
+                work(true);
                 returned.fetch_add(1, Ordering::Release);
             });
         }
-        work();
+        work(false);
         // Blocking would cost a wake-up of its own (about 10 us on a VM). But a worker the OS
         // woke onto this CPU runs only when this thread lets it: spinning the whole time stalled
         // such calls for the full 200 us, so the wait yields after a short spin.
@@ -312,7 +355,140 @@ fn spread(work: &(impl Fn() + Sync)) {
                 _ => break,
             }
         }
+        trace.caller_waited();
     });
+    trace.finish();
+    let this_call = CALLS_STARTED.load(Ordering::Acquire);
+    for _ in 0..helpers {
+        pool.spawn(move || linger(this_call));
+    }
+}
+
+/// Spins (a bounded while) until a call after `this_call` starts, keeping a worker on its CPU.
+fn linger(this_call: usize) {
+    let start = Instant::now();
+    while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < LINGER {
+        std::hint::spin_loop();
+    }
+}
+
+/// What the `probe` feature's engine trace records of one parallel call: when each thread
+/// started and ended its pieces, and how long the caller waited for the workers.
+#[cfg(feature = "probe")]
+pub mod trace {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, PoisonError};
+    use std::time::Instant;
+
+    /// One thread's share of a call, in nanoseconds since the call entered the pool.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Span {
+        /// A pool worker (`false`: the calling thread).
+        pub worker: bool,
+        /// When the thread entered its share of the call.
+        pub start_ns: u64,
+        /// When it found no piece left.
+        pub end_ns: u64,
+        /// Pieces (subtrees of the chunk tree) this thread reduced.
+        pub pieces: usize,
+    }
+
+    /// One parallel call.
+    #[derive(Clone, Debug, Default)]
+    pub struct CallTrace {
+        /// One per thread that joined the call, in the order they ended.
+        pub spans: Vec<Span>,
+        /// When the caller stopped its spin/yield wait (all workers back, or it gave up).
+        pub caller_waited_ns: u64,
+        /// When the call left the pool (every worker job returned).
+        pub end_ns: u64,
+    }
+
+    static ENABLED: AtomicBool = AtomicBool::new(false);
+    static CALLS: Mutex<Vec<CallTrace>> = Mutex::new(Vec::new());
+
+    /// Starts (or stops) recording every parallel call of this process.
+    pub fn record(enabled: bool) {
+        ENABLED.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The calls recorded since the last `take`.
+    pub fn take() -> Vec<CallTrace> {
+        std::mem::take(&mut *CALLS.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub(super) struct Call {
+        origin: Option<Instant>,
+        trace: Mutex<CallTrace>,
+    }
+
+    impl Call {
+        pub(super) fn start() -> Self {
+            Self {
+                origin: ENABLED.load(Ordering::Relaxed).then(Instant::now),
+                trace: Mutex::default(),
+            }
+        }
+
+        fn now(&self) -> Option<u64> {
+            self.origin.map(|origin| origin.elapsed().as_nanos() as u64)
+        }
+
+        pub(super) fn span(&self, worker: bool, work: impl FnOnce() -> usize) {
+            let start_ns = self.now();
+            let pieces = work();
+            if let (Some(start_ns), Some(end_ns)) = (start_ns, self.now()) {
+                let span = Span {
+                    worker,
+                    start_ns,
+                    end_ns,
+                    pieces,
+                };
+                self.lock().spans.push(span);
+            }
+        }
+
+        pub(super) fn caller_waited(&self) {
+            if let Some(now) = self.now() {
+                self.lock().caller_waited_ns = now;
+            }
+        }
+
+        pub(super) fn finish(self) {
+            if let Some(end_ns) = self.now() {
+                let mut trace = self
+                    .trace
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner);
+                trace.end_ns = end_ns;
+                CALLS
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(trace);
+            }
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, CallTrace> {
+            self.trace.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+}
+
+/// Without the `probe` feature the trace is nothing at all.
+#[cfg(not(feature = "probe"))]
+mod trace {
+    pub(super) struct Call;
+
+    impl Call {
+        pub(super) fn start() -> Self {
+            Self
+        }
+        pub(super) fn span(&self, _worker: bool, work: impl FnOnce() -> usize) {
+            work();
+        }
+        pub(super) fn caller_waited(&self) {}
+        pub(super) fn finish(self) {}
+    }
 }
 
 /// 0 = not set: use the environment or the CPU count.
@@ -524,6 +700,37 @@ mod tests {
         );
         let finished = interruptible(|| false, || reduce(20 * CHUNK, 8, &slow_leaf));
         assert_eq!(finished.map(|p| p.abs), Some((20 * CHUNK) as u128));
+    }
+
+    /// The CPU time (ns) the pool's first worker has run, from Linux's per-thread schedstat.
+    #[cfg(target_os = "linux")]
+    fn worker_cpu_ns() -> Option<u64> {
+        std::fs::read_dir("/proc/self/task")
+            .ok()?
+            .find_map(|entry| {
+                let task = entry.ok()?.path();
+                let name = std::fs::read_to_string(task.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
+                (name.trim() == "l1l2-0").then(|| stat.split_whitespace().next()?.parse().ok())?
+            })
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn idle_workers_stop_spinning() {
+        set_num_threads(2);
+        let len = 64 * CHUNK;
+        assert_eq!(reduce(len, 8, &count_leaf).abs, len as u128);
+        std::thread::sleep(LINGER * 10); // the linger is over, the worker asleep
+        let before = worker_cpu_ns().expect("the pool's worker thread l1l2-0");
+        std::thread::sleep(Duration::from_millis(50));
+        let burnt = worker_cpu_ns().expect("the pool's worker thread l1l2-0") - before;
+        // Other tests of this binary may run calls meanwhile; each costs at most one linger.
+        assert!(
+            burnt < 20_000_000,
+            "the idle worker ran {burnt} ns in 50 ms"
+        );
+        set_num_threads(0);
     }
 
     #[test]
