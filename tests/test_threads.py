@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import threadpoolctl  # the test extra installs it
@@ -50,3 +54,46 @@ def test_threadpool_limits_limits_l1l2_rs_without_changing_bits() -> None:
     assert l1l2_rs.get_num_threads() == 2
     with threadpoolctl.threadpool_limits(limits=1, user_api="l1l2_rs"):
         assert l1l2_rs.get_num_threads() == 1
+
+
+WORKER_CPU_PROBE = """
+import pathlib, time
+import numpy as np
+import l1l2_rs
+
+def worker_cpu_seconds():
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        if (task / "comm").read_text().strip() == "l1l2-0":
+            return int((task / "schedstat").read_text().split()[0]) / 1e9
+    raise SystemExit("no l1l2-0 worker thread")
+
+l1l2_rs.set_num_threads(2)
+x = np.ones(4_000_000, np.float32)  # above the parallel threshold
+l1l2_rs.penalty(x, 1.0, 1.0)
+before, start = worker_cpu_seconds(), time.perf_counter()
+for _ in range(50):
+    l1l2_rs.penalty(x, 1.0, 1.0)
+    time.sleep(0.002)  # idle between calls: a lingering worker stays awake through it
+print(worker_cpu_seconds() - before, time.perf_counter() - start)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads Linux's /proc")
+def test_workers_linger_only_as_long_as_l1l2_linger_us_says() -> None:
+    def worker_share(linger_us: str) -> float:
+        env = {**os.environ, "L1L2_LINGER_US": linger_us}
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER_CPU_PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        cpu, wall = map(float, out.stdout.split())
+        return cpu / wall
+
+    # Off: the worker runs only its share of the calls' work (~1 ms of every 3 ms or less).
+    # 10 ms: it stays awake through every 2 ms pause as well.
+    off, awake = worker_share("0"), worker_share("10000")
+    assert off < 0.5 * awake, (off, awake)

@@ -12,10 +12,12 @@
 //! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
 //! left. When its pieces are done, the caller waits for the workers without sleeping (a short
 //! spin, then yielding its CPU), which spares it a wake-up of its own (on virtual machines, ~10 us).
-//! After a call each worker stays awake for up to `LINGER` (500 us), spinning until the next call
-//! starts: a call that follows within that time finds its workers running on their own CPUs
-//! instead of paying their wake-up (15-70 us measured on a 2-vCPU VM) or finding them woken onto
-//! the caller's CPU. Longer idle spells cost no CPU: the workers then sleep in the pool.
+//! After a call each worker stays awake for up to [`linger`] (500 us unless `L1L2_LINGER_US` says
+//! otherwise; 0 turns it off) until the next call starts: a call that follows within that time
+//! finds its workers running on their own CPUs instead of paying their wake-up (15-70 us measured
+//! on a 2-vCPU VM) or finding them woken onto the caller's CPU. A lingering worker yields its CPU
+//! on every turn, so other runnable threads (a framework's own) get it first; longer idle spells
+//! cost no CPU: the workers then sleep in the pool.
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
@@ -30,7 +32,7 @@
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -79,11 +81,31 @@ const SPLIT_DEPTH: u32 = 7;
 const SPIN: Duration = Duration::from_micros(5);
 const WAIT: Duration = Duration::from_micros(200);
 
-/// How long a worker stays awake after a call, spinning on its CPU for the next one before it
-/// goes back to the pool to sleep (OpenMP runtimes do the same). A sleeping worker is woken by the
-/// OS onto a CPU of its choosing, often the caller's own, where it cannot run before the caller
-/// has done all the work alone; a spinning one keeps its CPU and joins the next call at once.
-const LINGER: Duration = Duration::from_micros(500);
+/// How long a worker stays awake after a call by default, waiting on its CPU for the next one
+/// before it goes back to the pool to sleep (OpenMP runtimes do the same). A sleeping worker is
+/// woken by the OS onto a CPU of its choosing, often the caller's own, where it cannot run before
+/// the caller has done all the work alone; an awake one keeps its CPU and joins the next call at
+/// once. 500 us: calls 50-200 us apart took 0.45-0.75x the time, while a training step that runs
+/// its own 2-thread ops between calls lost 3-4% (benches/ab_builds.py; see the README).
+const DEFAULT_LINGER_US: u64 = 500;
+
+/// The linger: `L1L2_LINGER_US` microseconds (at most 100 ms; 0 turns it off), else 500 us; read
+/// once per process and cached in an atomic, as the thread count is.
+pub fn linger() -> Duration {
+    static LINGER_US: AtomicU64 = AtomicU64::new(u64::MAX);
+    let cached = LINGER_US.load(Ordering::Relaxed);
+    let micros = if cached == u64::MAX {
+        let micros = std::env::var("L1L2_LINGER_US")
+            .ok()
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map_or(DEFAULT_LINGER_US, |micros| micros.min(100_000));
+        LINGER_US.store(micros, Ordering::Relaxed);
+        micros
+    } else {
+        cached
+    };
+    Duration::from_micros(micros)
+}
 
 /// Parallel calls started in this process: a lingering worker stops spinning when it changes.
 static CALLS_STARTED: AtomicUsize = AtomicUsize::new(0);
@@ -358,17 +380,22 @@ fn spread(work: &(impl Fn() -> usize + Sync)) {
         trace.caller_waited();
     });
     trace.finish();
+    let linger = linger();
+    if linger.is_zero() {
+        return;
+    }
     let this_call = CALLS_STARTED.load(Ordering::Acquire);
     for _ in 0..helpers {
-        pool.spawn(move || linger(this_call));
+        pool.spawn(move || stay_awake(this_call, linger));
     }
 }
 
-/// Spins (a bounded while) until a call after `this_call` starts, keeping a worker on its CPU.
-fn linger(this_call: usize) {
+/// Waits (for at most `linger`) until a call after `this_call` starts, keeping a worker on its
+/// CPU; yields on every turn, so that any other runnable thread goes first.
+fn stay_awake(this_call: usize, linger: Duration) {
     let start = Instant::now();
-    while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < LINGER {
-        std::hint::spin_loop();
+    while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < linger {
+        std::thread::yield_now();
     }
 }
 
@@ -721,7 +748,7 @@ mod tests {
         set_num_threads(2);
         let len = 64 * CHUNK;
         assert_eq!(reduce(len, 8, &count_leaf).abs, len as u128);
-        std::thread::sleep(LINGER * 10); // the linger is over, the worker asleep
+        std::thread::sleep(linger() * 10); // the linger is over, the worker asleep
         let before = worker_cpu_ns().expect("the pool's worker thread l1l2-0");
         std::thread::sleep(Duration::from_millis(50));
         let burnt = worker_cpu_ns().expect("the pool's worker thread l1l2-0") - before;
