@@ -44,8 +44,14 @@ use crate::accumulate::Partial;
 /// per-chunk cost far above a rayon task's and the partials' count small.
 pub const CHUNK: usize = 1 << 15;
 
-/// Inputs of fewer bytes run on the calling thread: below this, handing half of the work to a
-/// second thread does not win back what waking it costs (see the README's thread figures).
+/// Inputs of fewer bytes of work (read plus written) run on the calling thread: below this,
+/// handing half of the work to a second thread does not win back what waking it costs.
+///
+/// From measurement (`benches/threshold.py`, recorded in `benches/results/threshold/`): with the
+/// workers awake, two threads beat one by 1.10x from 370 KB for the float32 reduction and from the
+/// smallest size measured (512 KiB) for every other op. But a threshold of 360 KiB made a float32
+/// 1e5 penalty 1.8x slower when calls were 1 ms apart (the worker asleep: 20.6 vs 11.4 us) and
+/// back to back in `benches/ab_builds.py`, so 512 KiB stays.
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
 /// The parallel threshold in force: `PARALLEL_MIN_BYTES`, unless a measurement changed it.
