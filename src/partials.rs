@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::arrays::read_view;
-use crate::errors::{to_py, SINGLE};
+use crate::errors::{to_py, NotReadable, SINGLE};
 use crate::functions::detach_if_large;
 
 /// The mergeable state of `(sum(|x|), sum(x**2))` of a piece of an array.
@@ -22,10 +22,22 @@ impl SumsPartial {
         Self(l1l2_core::SumsPartial::empty())
     }
 
-    /// The partial of every element of the numpy array `x`.
+    /// The partial of every element of the numpy array `x`, read in place.
     #[staticmethod]
     fn of(x: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let view = read_view(x)?;
+        let py = x.py();
+        let view = read_view(x).map_err(|error| {
+            if !error.is_instance_of::<NotReadable>(py) {
+                return error;
+            }
+            // Nothing is converted here (the Dask integration converts blocks itself): say what to pass.
+            NotReadable::new_err(format!(
+                "l1l2_rs: SumsPartial.of reads a numpy array in place, and x is {}: convert it \
+                 first (np.asarray for lists, np.ascontiguousarray(x, x.dtype.newbyteorder('=')) \
+                 for byte-swapped or unaligned data, x.filled(0) for a masked array)",
+                error.value(py)
+            ))
+        })?;
         let partial = detach_if_large(x.py(), view.len(), || l1l2_core::SumsPartial::of(&view))?;
         Ok(Self(partial))
     }

@@ -264,6 +264,14 @@ def test_partial_pickles_merges_and_rejects_malformed_bytes() -> None:
         SumsPartial.of(np.ones(2, np.float32)).merge(left)
     with pytest.raises(TypeError, match="complex"):
         SumsPartial.of(np.ones(2, np.complex64))
+    # Read in place only: anything else is refused with what to pass instead, never guessed at.
+    for unreadable, what in (
+        ([1.0, 2.0], "np.asarray"),
+        (np.arange(4.0).astype(">f8"), "byte-swapped"),
+        (np.ma.array([1.0, 1e30], mask=[0, 1]), "masked"),
+    ):
+        with pytest.raises(TypeError, match=f"SumsPartial.of reads a numpy array in place.*{what}"):
+            SumsPartial.of(unreadable)
 
 
 def test_partials_have_the_same_bits_on_every_kernel() -> None:
