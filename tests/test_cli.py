@@ -653,3 +653,64 @@ def test_demo_sizes_are_checked() -> None:
     for huge in ("1e15", "1e30"):  # 3.6 PiB; beyond numpy's largest dimension
         out = run("--size", huge)
         assert out.returncode == 1 and "not enough memory" in out.stderr, out.stderr
+
+
+def _member_grown_in_directory(path: Path, promised: int) -> bytes:
+    """An ``.npz`` of ``np.ones(10)`` whose member header promises ``promised`` elements, and
+    whose zip directory claims the member is as large as that: only the data is not there."""
+    np.savez(path, a=np.ones(10))
+    data = bytearray(path.read_bytes())
+    header_at = data.index(b"'shape': (10,)")
+    grown = f"'shape': ({promised},)".encode()
+    data[header_at : header_at + len(grown)] = grown.ljust(len(b"'shape': (10,)"))[: len(grown)]
+    extra = (promised - 10) * 8
+    with zipfile.ZipFile(path) as archive:
+        member = archive.infolist()[0]
+    directory = data.rindex(b"PK\x01\x02")
+    sizes = directory + 20  # compressed size, then uncompressed size, in the central directory
+    compressed, uncompressed = struct.unpack_from("<II", data, sizes)
+    struct.pack_into("<II", data, sizes, compressed + extra, uncompressed + extra)
+    assert member.file_size == uncompressed
+    return bytes(data)
+
+
+def test_a_member_promising_more_than_the_file_holds_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "grown.npz"
+    # 12 elements: 16 bytes more than the member, which the zip's own directory would supply.
+    bad.write_bytes(_member_grown_in_directory(bad, 12))
+    good = tmp_path / "good.npy"
+    np.save(good, np.full(3, 2.0))
+    out = run(str(bad), str(good))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "grown.npz" in out.stderr and "extends past" in out.stderr, out.stderr
+    assert "good.npy" in out.stdout
+
+
+def test_corrupt_archives_and_indexes_are_reported_not_raised(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.npz"
+    np.savez_compressed(damaged, a=np.random.default_rng(0).standard_normal(100_000))
+    data = bytearray(damaged.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # inside the deflate stream
+    damaged.write_bytes(bytes(data))
+    nested = tmp_path / "model.safetensors.index.json"
+    nested.write_text("[" * 200_000 + "]" * 200_000)
+    good = tmp_path / "good.npy"
+    np.save(good, np.full(3, 2.0))
+    out = run(str(damaged), str(nested), str(good))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("l1l2: ")]
+    assert any("damaged.npz" in line for line in lines), out.stderr
+    assert any("index.json" in line for line in lines), out.stderr
+    assert "good.npy" in out.stdout
+
+
+def test_penalty_of_float64_at_the_ends_of_the_range(tmp_path: Path) -> None:
+    # sum x^2 = 4e400 overflows float64, but l2 * sum x^2 = 4e100 does not.
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.full(4, 1e200))
+    out = run("--json", "--l1", "0", "--l2", "1e-300", str(huge))
+    assert out.returncode == 0, out.stderr
+    (tensor,) = json.loads(out.stdout)["files"][0]["tensors"]
+    exact = Fraction(4) * Fraction(1e200) ** 2 * Fraction(1e-300)
+    assert tensor["penalty"] == pytest.approx(float(exact), rel=1e-15)

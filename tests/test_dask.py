@@ -8,6 +8,7 @@ import importlib
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -257,6 +258,8 @@ def test_partial_pickles_merges_and_rejects_malformed_bytes() -> None:
         b"XXXX" + encoded[4:],
         encoded[:4] + b"\x02" + encoded[5:],  # an unknown version
         encoded[:5] + b"\x63" + encoded[6:],  # an unknown dtype
+        # float64 sums of 0 with error parts -1 and -5: negative sums of magnitudes
+        encoded[:8] + struct.pack("<4d", 0.0, -1.0, 0.0, -5.0),
     ):
         with pytest.raises(ValueError, match="partial"):
             SumsPartial.from_bytes(malformed)

@@ -174,6 +174,9 @@ def test_zero_rows_add_nothing_but_count_in_the_pairs_as_in_keras() -> None:
     )
     assert float(l1l2_rs.OrthogonalRegularizer(1.0, "rows")(np.zeros((3, 4)))) == 0.0
     assert float(l1l2_rs.OrthogonalRegularizer(1.0, "rows")(np.zeros((3, 0)))) == 0.0
+    # Many vectors of no element: no pair has a product to sum (this once walked all 10^10 pairs).
+    assert float(l1l2_rs.OrthogonalRegularizer(1.0, "rows")(np.zeros((100_000, 0)))) == 0.0
+    assert float(l1l2_rs.OrthogonalRegularizer(1.0, "columns")(np.zeros((0, 100_000)))) == 0.0
 
 
 def test_nan_and_infinity_give_nan() -> None:

@@ -35,6 +35,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
@@ -89,6 +90,20 @@ _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 
 class CheckpointError(Exception):
     """A file that cannot be read as a checkpoint; the message says why."""
+
+
+#: What reading a malformed or corrupt file can raise (a damaged deflate stream, a bad CRC, a
+#: truncated member, an index nested past Python's recursion limit): each is reported as a
+#: problem with that file, never a traceback.
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointError,
+    OSError,
+    ValueError,
+    EOFError,
+    RecursionError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
 
 
 @dataclass
@@ -175,7 +190,7 @@ def _without_repeats(files: list[str]) -> list[str]:
     sharded: set[str] = set()
     for path in files:
         if path.endswith(".index.json"):
-            with contextlib.suppress(OSError, ValueError, CheckpointError):
+            with contextlib.suppress(*READ_ERRORS):
                 sharded.update(os.path.realpath(shard) for shard in _shards(path)[0])
     seen, kept = set(), []
     for path in files:
@@ -191,7 +206,7 @@ def total_bytes(files: Iterable[str]) -> int:
     """The size of the files on disk (shards of an index included), for the progress bar."""
     total = 0
     for path in files:
-        with contextlib.suppress(OSError, ValueError, CheckpointError):
+        with contextlib.suppress(*READ_ERRORS):
             shards = _shards(path)[0] if path.endswith(".index.json") else [path]
             total += sum(os.path.getsize(shard) for shard in shards)
     return total
@@ -223,7 +238,7 @@ def _shards(index_path: str) -> tuple[list[str], dict[str, str]]:
     with open(index_path, "rb") as file:
         try:
             index = json.load(file)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
             raise CheckpointError(f"not a JSON index: {error}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -274,9 +289,21 @@ def _map(path: str) -> Array:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def _view(mapped: Array, start: int, dtype: np.dtype[Any], count: int) -> Array:
-    """``count`` items of ``dtype`` at byte ``start`` of the map, as a flat view."""
-    return mapped[start : start + count * dtype.itemsize].view(dtype)
+def _view(
+    mapped: Array, start: int, dtype: np.dtype[Any], count: int, end: int | None = None
+) -> Array:
+    """``count`` items of ``dtype`` at byte ``start`` of the map, as a flat view;
+    ``CheckpointError`` when they do not lie whole before ``end`` (default: the map's end): a
+    header that promises more than its file or member holds (or a file shortened since its header
+    was read) must never be summed short, nor past into other bytes."""
+    stop = start + count * dtype.itemsize
+    limit = len(mapped) if end is None else min(end, len(mapped))
+    if start < 0 or stop > limit:
+        raise CheckpointError(
+            f"the data ({count:,} x {dtype.itemsize} bytes at byte {start:,}) extends past the "
+            f"end of its {'member' if end is not None else 'file'} (byte {limit:,})"
+        )
+    return mapped[start:stop].view(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +322,7 @@ def _read_safetensors(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
         if numpy_dtype is None:
             tensors.append(Tensor(name, dtype_name, tuple(shape), error=_unreadable(dtype_name)))
             continue
-        array = mapped[start:end].view(numpy_dtype)
+        array = _view(mapped, start, numpy_dtype, (end - start) // numpy_dtype.itemsize)
         tensors.append(Tensor(name, numpy_dtype, tuple(shape), array=array))
     return tensors
 
@@ -405,7 +432,10 @@ def _npz_member(
     start = zip_member_start(file, member)
     file.seek(start)
     dtype, shape = _npy_header(file, member.file_size, "member")
-    return Tensor(name, dtype, shape, array=_view(mapped, file.tell(), dtype, math.prod(shape)))
+    end = zip_member_end(archive, member, start)
+    return Tensor(
+        name, dtype, shape, array=_view(mapped, file.tell(), dtype, math.prod(shape), end)
+    )
 
 
 def zip_member_start(file: BinaryIO, member: zipfile.ZipInfo) -> int:
@@ -471,7 +501,20 @@ def _read_keras(path: str, stack: contextlib.ExitStack) -> list[Tensor]:
         return _h5_tensors(h5, None, 0)  # compressed: read through h5py
     with open(path, "rb") as file:
         start = zip_member_start(file, member)
-    return _h5_tensors(h5, _map(path), start, start + member.file_size)
+    return _h5_tensors(h5, _map(path), start, zip_member_end(archive, member, start))
+
+
+def zip_member_end(archive: zipfile.ZipFile, member: zipfile.ZipInfo, start: int) -> int:
+    """Where a stored member's data must end: its size says so, but that size comes from the
+    zip's directory, which a damaged or hostile file can enlarge; the data can never reach the
+    next member's header or the directory itself, so it ends before those too."""
+    boundaries = [
+        other.header_offset
+        for other in archive.infolist()
+        if other.header_offset > member.header_offset
+    ]
+    boundaries.append(getattr(archive, "start_dir", start + member.compress_size))
+    return min(start + member.compress_size, *boundaries)
 
 
 def _h5_tensors(h5: Any, mapped: Array | None, base: int, end: int | None = None) -> list[Tensor]:
@@ -482,7 +525,7 @@ def _h5_tensors(h5: Any, mapped: Array | None, base: int, end: int | None = None
     h5.visititems(
         lambda name, item: datasets.append((name, item)) if isinstance(item, h5py.Dataset) else None
     )
-    limit = len(mapped) if mapped is not None and end is None else end
+    limit = None if mapped is None else len(mapped) if end is None else min(end, len(mapped))
     tensors = []
     for name, dataset in datasets:
         dtype, shape = dataset.dtype, tuple(dataset.shape)

@@ -24,16 +24,23 @@ import numpy as np
 
 from ._checkpoints import (
     PIECE_BYTES,
+    READ_ERRORS,
     Array,
     Checkpoint,
-    CheckpointError,
     Tensor,
     name_matches,
     numeric,
     read,
     read_shard,
 )
+from .regularizers import penalty as library_penalty
 from .regularizers import sums, sums_many
+
+#: Below this a float64 sum of squares may have lost squares to underflow (the core's own bound).
+_TINY_SQUARES = 2.0**-968
+
+#: What summing a tensor streamed a piece at a time can raise besides the readers' errors.
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (*READ_ERRORS, TypeError, RuntimeError)
 
 #: The most bytes handed to one ``sums_many`` call (one tensor may be larger).
 BATCH_BYTES = 256 << 20
@@ -119,7 +126,7 @@ class Run:
         with contextlib.ExitStack() as stack:
             try:
                 checkpoints = read(path, stack)
-            except (CheckpointError, OSError) as error:
+            except READ_ERRORS as error:
                 self.problem(path, None, describe(error))
                 self._progress(_size(path))
                 return
@@ -131,7 +138,7 @@ class Run:
             try:
                 if checkpoint.pending:
                     read_shard(checkpoint, stack)
-            except (CheckpointError, OSError) as error:
+            except READ_ERRORS as error:
                 self.problem(checkpoint.path, None, describe(error))
                 self._progress(_size(checkpoint.path))
                 return
@@ -184,12 +191,24 @@ class Run:
             results = list(sums_many([array for _, _, array in batch]))
         except (TypeError, ValueError):  # find out which tensor, and sum the others
             results = [self._single(path, tensor, array) for _, tensor, array in batch]
-        for (slot, tensor, _), result in zip(batch, results, strict=True):
+        for (slot, tensor, array), result in zip(batch, results, strict=True):
             if result is not None:
-                slots[slot] = self._result(path, tensor, *result)
+                exact = self._penalty_at_the_edges(array, *result)
+                slots[slot] = self._result(path, tensor, *result, penalty=exact)
         nbytes = sum(array.nbytes for _, _, array in batch)
         self._progress(nbytes)
         return nbytes
+
+    def _penalty_at_the_edges(
+        self, array: Array, sum_abs: float, sum_squares: float
+    ) -> float | None:
+        """The library's penalty of a float64 tensor whose sums left float64's range (an
+        overflowing sum, underflowing squares): it applies the factors before the final scaling
+        (``1e-300 * (1e200)**2`` is 1e100), which the rounded sums can no longer do."""
+        edge = math.isinf(sum_abs) or math.isinf(sum_squares) or 0 < sum_squares < _TINY_SQUARES
+        if array.dtype != np.float64 or not edge:
+            return None
+        return float(library_penalty(array, self.report.l1, self.report.l2))
 
     def _single(self, path: str, tensor: Tensor, array: Array) -> tuple[float, float] | None:
         try:
@@ -207,13 +226,18 @@ class Run:
                 sum_abs, sum_squares = sums(_native(piece))
                 abs_parts.append(sum_abs)
                 square_parts.append(sum_squares)
-        except (CheckpointError, OSError, TypeError, ValueError, RuntimeError) as error:
+        except _STREAM_ERRORS as error:
             self.problem(path, tensor.name, describe(error))
             return None
         return self._result(path, tensor, _fsum(abs_parts), _fsum(square_parts))
 
     def _result(
-        self, path: str, tensor: Tensor, sum_abs: float, sum_squares: float
+        self,
+        path: str,
+        tensor: Tensor,
+        sum_abs: float,
+        sum_squares: float,
+        penalty: float | None = None,
     ) -> TensorResult:
         assert not isinstance(tensor.dtype, str)
         floating = tensor.dtype.kind not in "iub"
@@ -225,7 +249,8 @@ class Run:
                 f"not a float tensor ({dtype_name}): summed exactly, left out of the totals",
             )
         l1, l2 = self.report.l1, self.report.l2
-        penalty = (l1 * sum_abs if l1 else 0.0) + (l2 * sum_squares if l2 else 0.0)
+        if penalty is None:
+            penalty = (l1 * sum_abs if l1 else 0.0) + (l2 * sum_squares if l2 else 0.0)
         return TensorResult(
             tensor.name, dtype_name, tensor.shape, Sums(sum_abs, sum_squares, penalty, 1), floating
         )

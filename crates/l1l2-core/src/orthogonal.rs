@@ -136,10 +136,10 @@ fn scale_to_unit_norm(vector: &mut [f64]) {
 }
 
 /// The mean of `|u_i . u_j|` over the pairs `i < j` of the `count` vectors of `len` elements in
-/// `units`; 0 for fewer than two vectors.
+/// `units`; 0 for fewer than two vectors or vectors of no element.
 fn mean_absolute_dot(units: &[f64], count: usize, len: usize) -> Result<f64, Error> {
-    if count < 2 {
-        return Ok(0.0);
+    if count < 2 || len == 0 {
+        return Ok(0.0); // no pair, or only empty (zero) vectors: every dot product is 0
     }
     let index_pairs = count.checked_mul(count).ok_or(Error::TooLarge)?;
     // An index pair reads two vectors, and half of the index pairs count: `len` f64s of work each.

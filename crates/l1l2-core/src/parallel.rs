@@ -363,7 +363,9 @@ fn spread(work: &(impl Fn() -> usize + Sync)) {
     };
     let helpers = pool.current_num_threads();
     let returned = AtomicUsize::new(0);
-    CALLS_STARTED.fetch_add(1, Ordering::Release);
+    // Counted before the work starts: a worker still lingering after any earlier call (this
+    // thread's or another's) sees it and goes back to take this call's pieces.
+    let this_call = CALLS_STARTED.fetch_add(1, Ordering::AcqRel) + 1;
     pool.in_place_scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| {
@@ -390,7 +392,6 @@ fn spread(work: &(impl Fn() -> usize + Sync)) {
     if linger.is_zero() {
         return;
     }
-    let this_call = CALLS_STARTED.load(Ordering::Acquire);
     for _ in 0..helpers {
         pool.spawn(move || stay_awake(this_call, linger));
     }

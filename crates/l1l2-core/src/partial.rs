@@ -232,8 +232,9 @@ fn decode_float(body: &[u8]) -> Result<State, Error> {
     let mut sums = [Compensated::default(); 2];
     for (index, sum) in sums.iter_mut().enumerate() {
         let (hi, lo) = (part(2 * index), part(2 * index + 1));
-        // A sum of magnitudes is never negative, and its error part is finite while it is.
-        if hi < 0.0 || (hi.is_finite() && !lo.is_finite()) {
+        // A sum of magnitudes is never negative, and while it is finite its error part is finite
+        // and smaller than it (each rounding error is under 2^-53 of the running sum).
+        if hi < 0.0 || (hi.is_finite() && !(lo.is_finite() && lo.abs() <= hi)) {
             return Err(invalid("a float partial with a negative or malformed sum"));
         }
         *sum = Compensated::from_parts(hi, lo);
