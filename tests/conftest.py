@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from fractions import Fraction
 from typing import Any
 
@@ -118,3 +120,20 @@ def penalty_ulps(out_dtype: Any) -> float:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261125)
+
+
+def run_python(
+    script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> str:
+    """The standard output of ``script`` run by a fresh interpreter, which must succeed (its
+    error output's end is the failure message otherwise)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

@@ -12,27 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 import l1l2_rs
-
-
-def _python(script: str, *args: str, env: dict[str, str] | None = None) -> str:
-    """The standard output of ``script`` run by a fresh interpreter (which must succeed)."""
-    result = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=True,
-    )
-    return result.stdout
-
+from conftest import run_python
 
 FORK_TRIAL = textwrap.dedent(
     """
@@ -82,7 +68,7 @@ FORK_TRIAL = textwrap.dedent(
 def test_fork_during_a_first_call_never_hangs_the_child(kind: str) -> None:
     forks = hung = 0
     for _ in range(4):
-        count, stuck = map(int, _python(FORK_TRIAL, kind).split())
+        count, stuck = map(int, run_python(FORK_TRIAL, kind).split())
         forks += count
         hung += stuck
     assert forks >= 20
@@ -117,7 +103,7 @@ def _probe(*args: str, env: dict[str, str] | None = None) -> dict[str, object]:
         k: v for k, v in os.environ.items() if k not in ("L1L2_NUM_THREADS", "RAYON_NUM_THREADS")
     }
     full_env.update(env or {})
-    probe: dict[str, object] = json.loads(_python(THREADS_PROBE, *args, env=full_env))
+    probe: dict[str, object] = json.loads(run_python(THREADS_PROBE, *args, env=full_env))
     return probe
 
 
@@ -200,7 +186,7 @@ INTERRUPT_PROBE = textwrap.dedent(
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
 @pytest.mark.parametrize("call", ["sums_many", "penalty_many", "orthogonal"])
 def test_ctrl_c_interrupts_a_long_call(call: str) -> None:
-    output = _python(INTERRUPT_PROBE, call)
+    output = run_python(INTERRUPT_PROBE, call)
     outcome, seconds = output.split()
     assert outcome == "interrupted", output
     # The signal comes at 0.5 s; the call notices it within about 50 ms of work.
@@ -226,7 +212,7 @@ HANDLER_PROBE = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
 def test_a_signal_handler_may_call_l1l2_rs_during_a_long_call() -> None:
-    assert _python(HANDLER_PROBE).split() == ["3000000000.0", "[1000000.0]"]
+    assert run_python(HANDLER_PROBE).split() == ["3000000000.0", "[1000000.0]"]
 
 
 POOL_FAILS = textwrap.dedent(
@@ -270,10 +256,10 @@ IN_PLACE_CALLS = ["prox_", "prox_many_", "value_and_grad", "value_and_grad_many"
 @pytest.mark.parametrize("call", IN_PLACE_CALLS)
 def test_a_pool_that_cannot_start_is_reported_before_anything_is_written(call: str) -> None:
     # With warnings as errors the call raises, and the caller's arrays are untouched ...
-    result = json.loads(_python(POOL_FAILS, call, "error"))
+    result = json.loads(run_python(POOL_FAILS, call, "error"))
     assert result["raised"] is not None and "could not start" in result["raised"]
     assert result["written"] is False
     # ... and otherwise it warns and completes on the calling thread.
-    result = json.loads(_python(POOL_FAILS, call, "always"))
+    result = json.loads(run_python(POOL_FAILS, call, "always"))
     assert result["raised"] is None and result["written"] is True
     assert len(result["warned"]) == 1 and "could not start" in result["warned"][0]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 from keras import regularizers as kr
 
 import l1l2_rs
-from conftest import assert_within_ulps
+from conftest import assert_within_ulps, run_python
 
 MODES = ("rows", "columns")
 
@@ -383,16 +381,8 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("backend", ["torch", "jax", "tensorflow"])
 def test_traced_tensors_of_keras_backends_stay_differentiable(backend: str) -> None:
     environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    output = run_python(CHILD, env=environment, timeout=600)
+    results = json.loads(output.strip().splitlines()[-1])
     for mode, result in results.items():
         expected_value = reference(result["x"], 0.3, mode)
         (value, gradient), (keras_value, keras_gradient) = result["got"], result["expected"]

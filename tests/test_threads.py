@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import threadpoolctl  # the test extra installs it
 
 import l1l2_rs
+from conftest import run_python
 
 
 @pytest.fixture(autouse=True)
@@ -81,16 +80,8 @@ print(worker_cpu_seconds() - before, time.perf_counter() - start)
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads Linux's /proc")
 def test_workers_linger_only_as_long_as_l1l2_linger_us_says() -> None:
     def worker_share(linger_us: str) -> float:
-        env = {**os.environ, "L1L2_LINGER_US": linger_us}
-        out = subprocess.run(
-            [sys.executable, "-c", WORKER_CPU_PROBE],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
-        cpu, wall = map(float, out.stdout.split())
+        output = run_python(WORKER_CPU_PROBE, env={**os.environ, "L1L2_LINGER_US": linger_us})
+        cpu, wall = map(float, output.split())
         return cpu / wall
 
     # Off: the worker runs only its share of the calls' work (~1 ms of every 3 ms or less).
