@@ -98,6 +98,7 @@ fn trace_size<T: Element>(
         std::hint::black_box(l1l2_core::sums(&data)); // warm the pool and the caches
     }
     trace::take();
+    trace::take_relocated();
     let tasks = caller_and_worker_tasks().filter(|_| cpus);
     let mut same_cpu = Vec::new();
     trace::record(true);
@@ -173,8 +174,10 @@ fn trace_size<T: Element>(
         quantiles(worker_share)
     );
     println!(
-        "  calls where the worker came too late to take a piece: {idle_worker} of {}",
-        traced.len()
+        "  calls where the worker came too late to take a piece: {idle_worker} of {}; late \
+         workers were sent to sleep before staying awake {} times",
+        traced.len(),
+        trace::take_relocated()
     );
     if !same_cpu.is_empty() {
         println!(

@@ -2,11 +2,13 @@
 //!
 //! The input is cut into chunks of `CHUNK` elements whose boundaries depend on the length only.
 //! Chunk partials are merged along a fixed binary tree (split at the middle chunk). For a parallel
-//! run the tree is cut at depth `SPLIT_DEPTH` into at most 128 subtrees; the calling
-//! thread and the pool's workers take pieces from a shared counter, each piece's partial lands in
-//! its own slot, and the top of the tree is then merged from the slots in the fixed order. Who
-//! computed which piece never changes the bits, so the result is identical for any thread count,
-//! and the serial path is the same tree walked by one thread.
+//! run the tree is cut at depth `SPLIT_DEPTH` into at most 128 subtrees, and those into one
+//! contiguous share per thread; each thread takes the pieces of its own share first (so a call
+//! on the same array finds each thread's share still in its core's cache), then helps with the
+//! others'. Each piece's partial lands in its own slot, and the top of the tree is then merged
+//! from the slots in the fixed order. Who computed which piece never changes the bits, so the
+//! result is identical for any thread count, and the serial path is the same tree walked by one
+//! thread.
 //!
 //! The calling thread works too (a pool of `n - 1` workers serves `n` threads), so a call never
 //! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
@@ -17,7 +19,10 @@
 //! finds its workers running on their own CPUs instead of paying their wake-up (15-70 us measured
 //! on a 2-vCPU VM) or finding them woken onto the caller's CPU. A lingering worker yields its CPU
 //! on every turn, so other runnable threads (a framework's own) get it first; longer idle spells
-//! cost no CPU: the workers then sleep in the pool.
+//! cost no CPU: the workers then sleep in the pool. A worker that came too late to take any piece
+//! of two calls in a row (woken onto the caller's CPU, it waits there while the caller does all the
+//! work, and keeps that place while it stays awake) first sleeps ~50 us, so that the OS wakes it
+//! on an idle CPU; again after 4, 8, 16, .. such calls.
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
@@ -141,7 +146,7 @@ struct Piece {
 /// `bytes` (the work: bytes read and written) reaches `PARALLEL_MIN_BYTES`.
 ///
 /// Large tensors are cut into the subtrees of their tree at `SPLIT_DEPTH`; consecutive small
-/// ones are grouped into tasks of at least `CHUNK` elements, so that a list of a thousand small
+/// ones are grouped into tasks of at least `CHUNK / 2` elements, so that a list of a thousand small
 /// tensors costs a few hundred counter increments rather than a thousand.
 pub(crate) fn reduce_many<P, F>(lens: &[usize], bytes: usize, leaf: &F) -> Vec<P>
 where
@@ -170,30 +175,34 @@ where
             pieces.push(Piece { tensor, chunks });
         });
     }
-    // Tasks: runs of consecutive pieces of at least CHUNK elements each (a piece of a large
+    // Tasks: runs of consecutive pieces of at least CHUNK / 2 elements each (a piece of a large
     // tensor is one already).
     let mut tasks: Vec<Range<usize>> = Vec::new();
+    let mut task_elements = Vec::new();
     let mut start = 0;
     let mut elements = 0;
     for (index, piece) in pieces.iter().enumerate() {
-        elements += lens[piece.tensor].min(piece.chunks.len() * CHUNK);
-        if elements >= CHUNK || index + 1 == pieces.len() {
+        let len = lens[piece.tensor];
+        let chunks_end = (piece.chunks.end * CHUNK).min(len);
+        elements += chunks_end.saturating_sub(piece.chunks.start * CHUNK).max(1);
+        if elements >= CHUNK / 2 || index + 1 == pieces.len() {
             tasks.push(start..index + 1);
+            task_elements.push(elements);
             start = index + 1;
             elements = 0;
         }
     }
     let slots: Vec<OnceLock<P>> = pieces.iter().map(|_| OnceLock::new()).collect();
-    let next = AtomicUsize::new(0);
-    spread(&|| {
-        let mut taken = 0;
-        while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+    let shares = OnceLock::new();
+    spread(&|seat: Seat| {
+        let shares = shares.get_or_init(|| Shares::new(&task_elements, seat.seats));
+        shares.claim(seat.seat, |task| {
+            let task = tasks[task].clone();
             for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
                 slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
             }
-            taken += task.len();
-        }
-        taken
+            task.len()
+        })
     });
     // Every piece is done by now; `get_or_init` keeps this total even if one were not.
     let mut index = 0;
@@ -208,6 +217,64 @@ where
             })
         })
         .collect()
+}
+
+/// A thread's place in a parallel call: seat `seat` of `seats` (the caller is seat 0).
+#[derive(Clone, Copy)]
+struct Seat {
+    seat: usize,
+    seats: usize,
+}
+
+/// The tasks of a parallel call cut into one contiguous share per seat, of about equal elements.
+/// Each thread takes the tasks of its own share first, in order, then helps with the others'.
+/// So when the same array is reduced again, each thread reads mostly what it read last time,
+/// still in its own core's cache, while a thread that comes late finds its share done by the
+/// others. (A shared counter handed each thread other tasks on every call: back-to-back 1e6
+/// float32 calls took 1.1-2.3x longer, `benches/ab_builds.py`.)
+struct Shares {
+    /// Share `s` is the tasks `bounds[s]..bounds[s + 1]`.
+    bounds: Vec<usize>,
+    /// The next task of each share.
+    next: Vec<AtomicUsize>,
+}
+
+impl Shares {
+    fn new(task_elements: &[usize], seats: usize) -> Self {
+        let total: usize = task_elements.iter().sum();
+        let mut bounds = vec![0];
+        let mut done = 0;
+        for (index, elements) in task_elements.iter().enumerate() {
+            // A share ends before the task whose middle passes its end (in elements).
+            while bounds.len() < seats && (2 * done + elements) * seats > 2 * total * bounds.len() {
+                bounds.push(index);
+            }
+            done += elements;
+        }
+        bounds.resize(seats + 1, task_elements.len());
+        let next = bounds[..seats]
+            .iter()
+            .map(|&start| AtomicUsize::new(start))
+            .collect();
+        Self { bounds, next }
+    }
+
+    /// Runs `run` on every task the thread at `seat` claims, its own share first; returns the sum
+    /// of what `run` returned.
+    fn claim(&self, seat: usize, mut run: impl FnMut(usize) -> usize) -> usize {
+        let seats = self.next.len();
+        let mut taken = 0;
+        for share in (0..seats).map(|offset| (seat + offset) % seats) {
+            loop {
+                let task = self.next[share].fetch_add(1, Ordering::Relaxed);
+                if task >= self.bounds[share + 1] {
+                    break;
+                }
+                taken += run(task);
+            }
+        }
+        taken
+    }
 }
 
 /// How long a call may run between two looks at its caller's interrupt check.
@@ -342,34 +409,46 @@ fn merge_walk<P: Partial>(
 
 /// Runs `work` on the calling thread and on every worker of the pool (the caller's rayon pool, or
 /// ours), returning when all have returned. The one place that touches a thread pool. `work`
-/// returns how many pieces it took (for the `probe` feature's trace; unused otherwise).
-fn spread(work: &(impl Fn() -> usize + Sync)) {
+/// returns how many pieces it took: a call where the workers took none tells that they came late.
+fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     let trace = trace::Call::start();
-    let work = &|worker: bool| trace.span(worker, work);
-    if rayon::current_thread_index().is_some() {
+    if let Some(caller) = rayon::current_thread_index() {
         // Inside a caller's pool: use it. Waiting there steals work, it never sleeps.
-        let helpers = rayon::current_num_threads() - 1;
+        let seats = rayon::current_num_threads();
+        let work = &|worker: bool| {
+            let seat = rayon::current_thread_index().unwrap_or(caller) % seats;
+            trace.span(worker, || work(Seat { seat, seats }))
+        };
         rayon::in_place_scope(|scope| {
-            for _ in 0..helpers {
-                scope.spawn(|_| work(true));
+            for _ in 1..seats {
+                scope.spawn(|_| {
+                    work(true);
+                });
             }
             work(false);
         });
         return trace.finish();
     }
     let Some(pool) = pool() else {
-        work(false);
+        work(Seat { seat: 0, seats: 1 });
         return trace.finish();
     };
     let helpers = pool.current_num_threads();
+    let seats = helpers + 1;
+    // The caller sits first; a worker of our pool behind it, by its index in the pool.
+    let work = &|worker: bool| {
+        let seat = rayon::current_thread_index().map_or(0, |index| index + 1) % seats;
+        trace.span(worker, || work(Seat { seat, seats }))
+    };
     let returned = AtomicUsize::new(0);
+    let helped = AtomicUsize::new(0);
     // Counted before the work starts: a worker still lingering after any earlier call (this
     // thread's or another's) sees it and goes back to take this call's pieces.
     let this_call = CALLS_STARTED.fetch_add(1, Ordering::AcqRel) + 1;
     pool.in_place_scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| {
-                work(true);
+                helped.fetch_add(work(true), Ordering::Relaxed);
                 returned.fetch_add(1, Ordering::Release);
             });
         }
@@ -388,29 +467,59 @@ fn spread(work: &(impl Fn() -> usize + Sync)) {
         trace.caller_waited();
     });
     trace.finish();
+    // A call whose workers all came too late was most likely done by the caller alone while its
+    // worker waited on the caller's own CPU (the OS put it there when waking it, and it stays
+    // there while it keeps spinning). After two such calls in a row the workers sleep briefly
+    // first, so that the OS wakes them on a free CPU; then after 4, 8, 16, .. more, so that a
+    // machine whose other CPUs are all busy pays such a pause rarely.
+    let late = if helped.load(Ordering::Relaxed) == 0 {
+        LATE_CALLS.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        LATE_CALLS.store(0, Ordering::Relaxed);
+        0
+    };
+    let relocate = late >= 2 && late.is_power_of_two();
+    wake_workers(&pool, helpers, this_call, relocate);
+}
+
+/// Hands each of `helpers` workers a job that keeps it awake until a call after `this_call`
+/// starts (at most `linger()`), after a short sleep first with `relocate`.
+fn wake_workers(pool: &ThreadPool, helpers: usize, this_call: usize, relocate: bool) {
     let linger = linger();
     if linger.is_zero() {
         return;
     }
     for _ in 0..helpers {
-        pool.spawn(move || stay_awake(this_call, linger));
+        pool.spawn(move || stay_awake(this_call, linger, relocate));
     }
 }
 
+/// Parallel calls in a row whose workers all came too late to take a piece.
+static LATE_CALLS: AtomicUsize = AtomicUsize::new(0);
+
 /// Waits (for at most `linger`) until a call after `this_call` starts, keeping a worker on its
-/// CPU; yields on every turn, so that any other runnable thread goes first.
-fn stay_awake(this_call: usize, linger: Duration) {
+/// CPU; yields on every turn, so that any other runnable thread goes first. With `relocate` it
+/// first sleeps briefly, so that the OS wakes it again on a CPU of its choosing: one that is idle
+/// if there is one, rather than the caller's, where the worker had been waiting (see `spread`).
+fn stay_awake(this_call: usize, linger: Duration, relocate: bool) {
+    if relocate {
+        trace::relocated();
+        std::thread::sleep(RELOCATE);
+    }
     let start = Instant::now();
     while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < linger {
         std::thread::yield_now();
     }
 }
 
+/// How long a late worker sleeps to be woken on another CPU (the OS adds its timer slack, ~50 us).
+const RELOCATE: Duration = Duration::from_micros(1);
+
 /// What the `probe` feature's engine trace records of one parallel call: when each thread
 /// started and ended its pieces, and how long the caller waited for the workers.
 #[cfg(feature = "probe")]
 pub mod trace {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Mutex, PoisonError};
     use std::time::Instant;
 
@@ -439,6 +548,16 @@ pub mod trace {
     }
 
     static ENABLED: AtomicBool = AtomicBool::new(false);
+    static RELOCATED: AtomicUsize = AtomicUsize::new(0);
+
+    /// How often late workers were sent to sleep before staying awake, since the last call.
+    pub fn take_relocated() -> usize {
+        RELOCATED.swap(0, Ordering::Relaxed)
+    }
+
+    pub(super) fn relocated() {
+        RELOCATED.fetch_add(1, Ordering::Relaxed);
+    }
     static CALLS: Mutex<Vec<CallTrace>> = Mutex::new(Vec::new());
 
     /// Starts (or stops) recording every parallel call of this process.
@@ -468,7 +587,7 @@ pub mod trace {
             self.origin.map(|origin| origin.elapsed().as_nanos() as u64)
         }
 
-        pub(super) fn span(&self, worker: bool, work: impl FnOnce() -> usize) {
+        pub(super) fn span(&self, worker: bool, work: impl FnOnce() -> usize) -> usize {
             let start_ns = self.now();
             let pieces = work();
             if let (Some(start_ns), Some(end_ns)) = (start_ns, self.now()) {
@@ -480,6 +599,7 @@ pub mod trace {
                 };
                 self.lock().spans.push(span);
             }
+            pieces
         }
 
         pub(super) fn caller_waited(&self) {
@@ -517,12 +637,14 @@ mod trace {
         pub(super) fn start() -> Self {
             Self
         }
-        pub(super) fn span(&self, _worker: bool, work: impl FnOnce() -> usize) {
-            work();
+        pub(super) fn span(&self, _worker: bool, work: impl FnOnce() -> usize) -> usize {
+            work()
         }
         pub(super) fn caller_waited(&self) {}
         pub(super) fn finish(self) {}
     }
+
+    pub(super) fn relocated() {}
 }
 
 /// 0 = not set: use the environment or the CPU count.
@@ -615,6 +737,8 @@ fn pool() -> Option<Arc<ThreadPool>> {
         if let Some(parents) = slot.take() {
             std::mem::forget(parents);
         }
+        // Counts of the parent's workers, which do not exist here.
+        LATE_CALLS.store(0, Ordering::Release);
         POOL_PID.store(pid, Ordering::Release);
     }
     if let Some(pool) = slot
@@ -715,6 +839,39 @@ mod tests {
         ] {
             assert_eq!(reduce(len, 1, &count_leaf).abs, len as u128, "len {len}");
         }
+    }
+
+    #[test]
+    fn shares_split_by_elements_and_every_task_is_taken_once() {
+        // Seven equal tasks and a small one (114 elements) between two seats: 64 and 50.
+        let shares = Shares::new(&[16, 16, 16, 16, 16, 16, 16, 2], 2);
+        assert_eq!(shares.bounds, [0, 4, 8]);
+        let tasks = [100, 1, 1, 1, 1, 1, 1, 1, 1, 50, 50];
+        for seats in 1..=5 {
+            let shares = Shares::new(&tasks, seats);
+            assert_eq!(shares.bounds.len(), seats + 1);
+            assert!(shares.bounds.windows(2).all(|pair| pair[0] <= pair[1]));
+            assert_eq!(shares.bounds[seats], tasks.len());
+            // Seats claiming concurrently, each from its own share first.
+            let taken: Vec<AtomicUsize> = tasks.iter().map(|_| AtomicUsize::new(0)).collect();
+            std::thread::scope(|scope| {
+                for seat in 0..seats {
+                    let (shares, taken) = (&shares, &taken);
+                    scope.spawn(move || {
+                        shares.claim(seat, |task| taken[task].fetch_add(1, Ordering::Relaxed))
+                    });
+                }
+            });
+            assert!(taken.iter().all(|count| count.load(Ordering::Relaxed) == 1));
+        }
+        // A seat alone (its partners late) takes every share, its own first.
+        let shares = Shares::new(&[1, 1, 1, 1], 2);
+        let mut order = Vec::new();
+        shares.claim(1, |task| {
+            order.push(task);
+            1
+        });
+        assert_eq!(order, [2, 3, 0, 1]);
     }
 
     #[test]
