@@ -770,6 +770,23 @@ def test_prox_threshold_is_not_rounded_before_subtracting(dtype: Any) -> None:
     assert_matches(y, expected_prox(original, lr, l1, 0.25), original, "threshold with l2")
 
 
+def test_float64_prox_divides_correctly_rounded(rng: np.random.Generator) -> None:
+    # The documented computation: kept = max(|x| - lr*l1, 0) and d = 1 + 2*lr*l2, each rounded
+    # once, then kept / d correctly rounded (by the reciprocal and one exact-remainder correction)
+    # wherever the quotient is a normal number.
+    for _ in range(20):
+        lr, l1, l2 = (float(10.0 ** rng.uniform(-6, 2)) for _ in range(3))
+        x = rng.standard_normal(2000) * 10.0 ** rng.uniform(-300, 300, 2000)
+        stepped = x.copy()
+        l1l2_rs.prox_(stepped, lr, l1, l2)
+        d = float(1 + 2 * Fraction(lr) * Fraction(l2))
+        for value, result in zip(x.tolist(), stepped.tolist(), strict=True):
+            kept = float(max(abs(Fraction(value)) - Fraction(lr) * Fraction(l1), Fraction(0)))
+            expected = math.copysign(float(Fraction(kept) / Fraction(d)), value)
+            if abs(expected) >= np.finfo(np.float64).tiny:
+                assert result == expected, (value, lr, l1, l2)
+
+
 @pytest.mark.parametrize("lr", [-0.1, -1e-300, math.nan, math.inf, -math.inf])
 def test_prox_rejects_bad_learning_rates(lr: float) -> None:
     x = np.array([1.0, -2.0, 3.0])

@@ -644,22 +644,46 @@ impl ProxMath {
 
     /// Division costs 8-16 times a multiply and is what limits this loop in cache. For f16, bf16
     /// and f32 the product with the reciprocal (one more f64 rounding, 2^-53 relative) rounds to
-    /// the same values except within 2^-52 of a tie; f64 keeps the division.
+    /// the same values except within 2^-52 of a tie. f64 corrects that product once with the
+    /// remainder (Markstein): `q + (kept - q * d) / d`, the remainder exact by a fused
+    /// multiply-add. That is the correctly rounded quotient unless it is subnormal (then the
+    /// remainder may round and the quotient be one subnormal step off; 14 of 3e7 random values
+    /// over the whole range), at a third of a division's time (float64 1e5 `prox_` from cache
+    /// on one thread: 65.7 -> 23.9 us).
     #[inline(always)]
     fn apply<T: Float>(&self, xs: &mut [T]) {
-        let (lr, l1) = (self.lr, self.l1);
-        let (denominator, reciprocal) = (self.denominator, 1.0 / self.denominator);
-        for value in xs {
-            let x = value.widen();
-            let shrunk = (-lr).mul_add(l1, x.abs()); // |x| - lr * l1, rounded once
-            let kept = if shrunk < 0.0 { 0.0 } else { shrunk }; // NaN stays NaN
-            let scaled = if T::EXACT_SQUARES {
-                kept * reciprocal
-            } else {
-                kept / denominator
-            };
-            *value = T::narrow(scaled.copysign(x));
+        let reciprocal = 1.0 / self.denominator;
+        // `denominator >= 1` (its factors are not negative); a huge one would make the reciprocal
+        // subnormal, so it keeps the division.
+        if T::EXACT_SQUARES || self.denominator >= 2f64.powi(512) {
+            for value in xs {
+                let (kept, x) = self.kept(*value);
+                let scaled = if T::EXACT_SQUARES {
+                    kept * reciprocal
+                } else {
+                    kept / self.denominator
+                };
+                *value = T::narrow(scaled.copysign(x));
+            }
+            return;
         }
+        for value in xs {
+            let (kept, x) = self.kept(*value);
+            let first = kept * reciprocal;
+            let remainder = (-first).mul_add(self.denominator, kept);
+            let corrected = remainder.mul_add(reciprocal, first);
+            // An infinite `kept` leaves a NaN remainder (inf - inf): its product stands.
+            let quotient = if corrected.is_nan() { first } else { corrected };
+            *value = T::narrow(quotient.copysign(x));
+        }
+    }
+
+    /// `(max(|x| - lr * l1, 0), x)` of an element, the difference rounded once (NaN stays NaN).
+    #[inline(always)]
+    fn kept<T: Float>(&self, value: T) -> (f64, f64) {
+        let x = value.widen();
+        let shrunk = (-self.lr).mul_add(self.l1, x.abs());
+        (if shrunk < 0.0 { 0.0 } else { shrunk }, x)
     }
 }
 
