@@ -631,14 +631,34 @@ struct ProxMath {
     l1: f64,
     /// `1 + 2 * lr * l2`, rounded once.
     denominator: f64,
+    /// float64 divides (instead of correcting the product with the reciprocal, see `apply`).
+    divide: bool,
 }
+
+/// float64 tensors larger than this are divided (see `ProxMath::apply`): streamed from memory
+/// in place, the division's loop took 0.75-0.79x the time of the corrected product's (6e6-2e7
+/// elements on one thread), while up to 4e6 elements (32 MB) the product took 0.66-0.68x and
+/// from cache (1e5) 0.36x. 16 MiB leaves room for machines with smaller caches.
+const CORRECTED_QUOTIENT_MAX_BYTES: usize = 16 << 20;
 
 impl ProxMath {
     fn new(lr: f64, factors: &Factors) -> Self {
+        let denominator = (2.0 * lr).mul_add(factors.l2.unwrap_or(0.0), 1.0);
         Self {
             lr,
             l1: factors.l1.unwrap_or(0.0),
-            denominator: (2.0 * lr).mul_add(factors.l2.unwrap_or(0.0), 1.0),
+            denominator,
+            // `denominator >= 1` (its factors are not negative); a huge one would make the
+            // reciprocal subnormal.
+            divide: denominator >= 2f64.powi(512),
+        }
+    }
+
+    /// The math for one tensor of `bytes`: large float64 tensors divide.
+    fn for_tensor(&self, bytes: usize) -> Self {
+        Self {
+            divide: self.divide || bytes > CORRECTED_QUOTIENT_MAX_BYTES,
+            ..*self
         }
     }
 
@@ -649,13 +669,11 @@ impl ProxMath {
     /// multiply-add. That is the correctly rounded quotient unless it is subnormal (then the
     /// remainder may round and the quotient be one subnormal step off; 14 of 3e7 random values
     /// over the whole range), at a third of a division's time (float64 1e5 `prox_` from cache
-    /// on one thread: 65.7 -> 23.9 us).
+    /// on one thread: 65.7 -> 23.9 us); tensors over `CORRECTED_QUOTIENT_MAX_BYTES` divide.
     #[inline(always)]
     fn apply<T: Float>(&self, xs: &mut [T]) {
         let reciprocal = 1.0 / self.denominator;
-        // `denominator >= 1` (its factors are not negative); a huge one would make the reciprocal
-        // subnormal, so it keeps the division.
-        if T::EXACT_SQUARES || self.denominator >= 2f64.powi(512) {
+        if T::EXACT_SQUARES || self.divide {
             for value in xs {
                 let (kept, x) = self.kept(*value);
                 let scaled = if T::EXACT_SQUARES {
@@ -702,6 +720,7 @@ impl<T: Float> Kernel for ProxRun<'_, T> {
 }
 
 fn prox_range<T: Float>(x: &ArrayViewMut<'_>, range: Range<usize>, math: &ProxMath) {
+    let math = &math.for_tensor(x.len() * size_of::<T>());
     let base = x.base::<T>();
     let stride = x.layout().row_stride();
     x.layout().for_each_row_piece(range, |first, count, _| {
