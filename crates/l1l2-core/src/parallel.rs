@@ -230,8 +230,8 @@ struct Seat {
 /// Each thread takes the tasks of its own share first, in order, then helps with the others'.
 /// So when the same array is reduced again, each thread reads mostly what it read last time,
 /// still in its own core's cache, while a thread that comes late finds its share done by the
-/// others. (A shared counter handed each thread other tasks on every call: back-to-back 1e6
-/// float32 calls took 1.1-2.3x longer, `benches/ab_builds.py`.)
+/// others. (With a shared counter, which handed each thread other tasks on every call, 1e6
+/// float32 calls took 1.0-2.3x as long: `benches/ab_builds.py`.)
 struct Shares {
     /// Share `s` is the tasks `bounds[s]..bounds[s + 1]`.
     bounds: Vec<usize>,
@@ -548,6 +548,7 @@ pub mod trace {
     }
 
     static ENABLED: AtomicBool = AtomicBool::new(false);
+    static CALLS: Mutex<Vec<CallTrace>> = Mutex::new(Vec::new());
     static RELOCATED: AtomicUsize = AtomicUsize::new(0);
 
     /// How often late workers were sent to sleep before staying awake, since the last call.
@@ -558,7 +559,6 @@ pub mod trace {
     pub(super) fn relocated() {
         RELOCATED.fetch_add(1, Ordering::Relaxed);
     }
-    static CALLS: Mutex<Vec<CallTrace>> = Mutex::new(Vec::new());
 
     /// Starts (or stops) recording every parallel call of this process.
     pub fn record(enabled: bool) {
