@@ -464,13 +464,17 @@ def main() -> int:
         "threads_1e6_float32_seconds": {k: t.median for k, t in thread_times.items()},
         "threads_1e6_float32_iqr_percent": {k: t.iqr_percent for k, t in thread_times.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (args.out / "compare.md").write_text(table)
-    print(table)
+    write_results(args.out, "compare", report, markdown(report))
     plot(report, args.out / "compare.png")
     return 0
+
+
+def write_results(out: Path, stem: str, report: dict[str, Any], table: str) -> None:
+    """Writes ``out/stem.json`` and ``out/stem.md`` and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(table)
+    print(table)
 
 
 def cpu_model() -> str:

@@ -20,7 +20,6 @@ the derived thresholds come out too high (or "never"). The load average is recor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import l1l2_rs
 from l1l2_rs import _l1l2_rs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import L1, L2, Timing, make, time_interleaved
+from compare import L1, L2, Timing, make, time_interleaved, write_results
 
 # Bytes of work per byte of input, as the library counts them for its threshold.
 WORK_PER_BYTE = {"penalty": 1, "value_and_grad": 2, "prox_": 2}
@@ -134,11 +133,7 @@ def main() -> int:
         "parallel_min_bytes_now": _l1l2_rs.PARALLEL_MIN_BYTES,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "threshold.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (args.out / "threshold.md").write_text(table)
-    print(table)
+    write_results(args.out, "threshold", report, markdown(report))
     return 0
 
 

@@ -30,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compare import time_interleaved  # the same interleaved timing as the penalty table
+from compare import (  # the same interleaved timing as the penalty table
+    Timing,
+    time_interleaved,
+    write_results,
+)
 
 import l1l2_rs
 
@@ -105,13 +109,15 @@ def main() -> int:
     for name in args.dtypes.split(","):
         dtype = np.dtype(name)
         for size in sizes:
-            times = time_interleaved(single_array_candidates(make(size, dtype)), rounds, budget)
+            times = medians(
+                time_interleaved(single_array_candidates(make(size, dtype)), rounds, budget)
+            )
             rows.append({"dtype": name, "case": f"{size:.0e}", "seconds": times})
             print(
                 f"{name} {size:.0e} " + "  ".join(f"{c}={s * 1e6:.1f}us" for c, s in times.items())
             )
         for label, xs in model_lists(dtype, args.quick).items():
-            times = time_interleaved(many_candidates(xs), rounds, budget)
+            times = medians(time_interleaved(many_candidates(xs), rounds, budget))
             rows.append({"dtype": name, "case": label, "seconds": times})
             print(f"{name} {label} " + "  ".join(f"{c}={s * 1e6:.1f}us" for c, s in times.items()))
     report = {
@@ -125,12 +131,13 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training.json").write_text(json.dumps(report, indent=1))
-    table = markdown(rows)
-    (args.out / "training.md").write_text(table)
-    print(table)
+    write_results(args.out, "training", report, markdown(rows))
     return 0
+
+
+def medians(times: dict[str, Timing]) -> dict[str, float]:
+    """Seconds per call of each candidate: the median of its rounds."""
+    return {name: timing.median for name, timing in times.items()}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
