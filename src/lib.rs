@@ -53,5 +53,9 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "PARALLEL_MIN_BYTES",
         l1l2_core::parallel::PARALLEL_MIN_BYTES,
     )?;
+    m.add(
+        "PARALLEL_MIN_BYTES_ASLEEP",
+        l1l2_core::parallel::PARALLEL_MIN_BYTES_ASLEEP,
+    )?;
     Ok(())
 }

@@ -88,6 +88,33 @@ def test_same_bits_on_every_call_and_after_set_num_threads() -> None:
         l1l2_rs.set_num_threads(0)
 
 
+@pytest.mark.parametrize("size", [40_000, 100_000, 200_003, 300_000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mid_sized_tensors_same_bits_awake_asleep_and_serial(size: int, dtype: type) -> None:
+    """Tensors cut into many smaller chunks run serially or in parallel depending on whether the
+    workers are awake (calls in a row) or asleep (after a pause); the bits never change."""
+    x = (np.random.default_rng(size).standard_normal(size) * 3).astype(dtype)
+
+    def results() -> list[bytes]:
+        value, grad = l1l2_rs.value_and_grad(x, 1e-3, 1e-4)
+        stepped = x.copy()
+        l1l2_rs.prox_(stepped, 0.1, 1e-3, 1e-4)
+        sums = np.array(l1l2_rs.sums(x))
+        return [sums.tobytes(), np.asarray(value).tobytes(), grad.tobytes(), stepped.tobytes()]
+
+    try:
+        l1l2_rs.set_num_threads(1)
+        reference = results()
+        for threads in (2, 3):
+            l1l2_rs.set_num_threads(threads)
+            for _ in range(4):  # in a row: the workers wake up and linger
+                assert results() == reference, f"{threads} threads, calls in a row"
+            time.sleep(0.01)  # past the linger: the workers sleep again
+            assert results() == reference, f"{threads} threads, after a pause"
+    finally:
+        l1l2_rs.set_num_threads(0)
+
+
 def _child_sums(x: np.ndarray, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     queue.put(l1l2_rs.sums(x))
 

@@ -164,6 +164,8 @@ INTERRUPT_PROBE = textwrap.dedent(
     import numpy as np
     import l1l2_rs
 
+    # A shell starts background jobs with SIGINT ignored, and the child inherits that: handle it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.argv[1] == "orthogonal":
         # 8000 rows of 1000: under 8 Mi elements, but 3.2e10 multiply-adds over the pairs
         matrix = np.ones((8000, 1000))

@@ -7,6 +7,7 @@ import numpy as np
 __all__ = [
     "CHUNK_LEN",
     "PARALLEL_MIN_BYTES",
+    "PARALLEL_MIN_BYTES_ASLEEP",
     "NotReadable",
     "SumsPartial",
     "get_num_threads",
@@ -27,6 +28,7 @@ __all__ = [
 
 CHUNK_LEN: Final[int]
 PARALLEL_MIN_BYTES: Final[int]
+PARALLEL_MIN_BYTES_ASLEEP: Final[int]
 
 class NotReadable(TypeError):
     """The input is not a numpy array the core reads in place: convert it and call again."""

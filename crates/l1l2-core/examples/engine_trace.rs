@@ -175,7 +175,7 @@ fn trace_size<T: Element>(
     );
     println!(
         "  calls where the worker came too late to take a piece: {idle_worker} of {}; late \
-         workers were sent to sleep before staying awake {} times",
+         workers were left to sleep in the pool instead of lingering {} times",
         traced.len(),
         trace::take_relocated()
     );

@@ -1,7 +1,8 @@
 //! Deterministic parallel reduction and the thread pool behind it.
 //!
-//! The input is cut into chunks of `CHUNK` elements whose boundaries depend on the length only.
-//! Chunk partials are merged along a fixed binary tree (split at the middle chunk). For a parallel
+//! The input is cut into chunks of at most `CHUNK` elements whose boundaries depend on the length
+//! only (see [`chunk_len`]: a tensor of up to 8 full chunks is cut into about 8, so that two
+//! threads can split it evenly). Chunk partials are merged along a fixed binary tree (split at the middle chunk). For a parallel
 //! run the tree is cut at depth `SPLIT_DEPTH` into at most 128 subtrees, and those into one
 //! contiguous share per thread; each thread takes the pieces of its own share first (so a call
 //! on the same array finds each thread's share still in its core's cache), then helps with the
@@ -9,6 +10,13 @@
 //! from the slots in the fixed order. Who computed which piece never changes the bits, so the
 //! result is identical for any thread count, and the serial path is the same tree walked by one
 //! thread.
+//!
+//! A call runs in parallel when its work pays for the hand-over, which depends on whether the
+//! workers are awake: from [`PARALLEL_MIN_BYTES`] while they linger after a recent call, from
+//! [`PARALLEL_MIN_BYTES_ASLEEP`] while they sleep (the caller cannot return before a worker
+//! it handed work to has run, so a short call would pay the whole wake-up). A run of mid-sized
+//! calls that find the workers asleep wakes them from its second call on (see
+//! `wake_if_calls_follow`).
 //!
 //! The calling thread works too (a pool of `n - 1` workers serves `n` threads), so a call never
 //! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
@@ -21,8 +29,9 @@
 //! on every turn, so other runnable threads (a framework's own) get it first; longer idle spells
 //! cost no CPU: the workers then sleep in the pool. A worker that came too late to take any piece
 //! of two calls in a row (woken onto the caller's CPU, it waits there while the caller does all the
-//! work, and keeps that place while it stays awake) first sleeps ~50 us, so that the OS wakes it
-//! on an idle CPU; again after 4, 8, 16, .. such calls.
+//! work, and keeps that place while it stays awake) does not linger after that call but sleeps in
+//! the pool, so that the next call's wake-up lets the OS place it on an idle CPU; again after 4,
+//! 8, 16, .. such calls.
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
@@ -45,39 +54,85 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::accumulate::Partial;
 
-/// Elements per chunk: the unit of work and of determinism. 32 Ki elements (64-256 KiB) keeps the
-/// per-chunk cost far above a rayon task's and the partials' count small.
+/// Elements per chunk of a large tensor, and the most a chunk holds: the unit of work and of
+/// determinism. 32 Ki elements (64-256 KiB) keeps the per-chunk cost far above a rayon task's and
+/// the partials' count small.
 pub const CHUNK: usize = 1 << 15;
 
-/// Inputs of fewer bytes of work (read plus written) run on the calling thread: below this,
-/// handing half of the work to a second thread does not win back what waking it costs.
+/// The fewest elements in a chunk of a tensor of more than `CHUNK` elements (32-64 KiB of float32
+/// or float64: a kernel call and a merge per chunk stay under 1% of its time).
+const MIN_CHUNK: usize = 1 << 13;
+
+/// A tensor of up to `FEW_CHUNKS` full chunks is cut into about `FEW_CHUNKS` smaller ones, so
+/// that two to four threads split it evenly: in 32 Ki chunks, 1e5 elements made 4 chunks (the
+/// last of 1696 elements), which two threads could only split 65/35.
+const FEW_CHUNKS: usize = 8;
+
+/// Chunk lengths are a multiple of this: the kernel's block for narrow types (64 steps of 16
+/// lanes), so that no chunk but the last ends in a partial block.
+const CHUNK_STEP: usize = 1 << 10;
+
+/// The elements per chunk of a tensor of `len` elements: a function of the length alone, so the
+/// chunk boundaries (and with them the bits) never depend on threads or timing. A tensor of at most
+/// `CHUNK` elements is one chunk (the small-call path); a larger one is cut into chunks of `len /
+/// FEW_CHUNKS`, rounded up to `CHUNK_STEP`, between `MIN_CHUNK` and `CHUNK`.
+pub fn chunk_len(len: usize) -> usize {
+    if len <= CHUNK {
+        return CHUNK;
+    }
+    len.div_ceil(FEW_CHUNKS)
+        .next_multiple_of(CHUNK_STEP)
+        .clamp(MIN_CHUNK, CHUNK)
+}
+
+/// Calls of fewer bytes of work (read plus written) run on the calling thread while the pool's
+/// workers are awake (lingering after a recent call, see [`linger`]): below this, handing half of
+/// the work to a second thread does not win back what the hand-over costs.
 ///
-/// From measurement (`benches/threshold.py`, recorded in `benches/results/threshold/`): with the
-/// workers awake, two threads beat one by 1.10x from 370 KB for the float32 reduction and from the
-/// smallest size measured (512 KiB) for every other op. But a threshold of 360 KiB made a float32
-/// 1e5 penalty 1.8x slower when calls were 1 ms apart (the worker asleep: 20.6 vs 11.4 us) and
-/// back to back in `benches/ab_builds.py`, so 512 KiB stays.
+/// From `benches/threshold.py` (recorded in `benches/results/threshold/`), workers awake: at
+/// 512 KiB of work two threads took 0.80-0.93x the time of one (float32 penalty 0.91x at 131,072
+/// elements, `value_and_grad` 0.80x at 65,536, `prox_` 0.93x; float64 penalty 0.89x at 65,536),
+/// while the float32 penalty took 1.05x at 370 KB and 1.22x at 256 KiB.
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
-/// The parallel threshold in force: `PARALLEL_MIN_BYTES`, unless a measurement changed it.
-fn min_bytes() -> usize {
+/// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
+/// worker takes 15-70 us to wake, and the caller cannot return before a worker it handed work to
+/// has run (a rayon scope), so a call that one thread finishes sooner pays the whole wake-up.
+///
+/// From `benches/threshold.py --asleep` (each call 2 ms after the last, the linger long over):
+/// two threads took at most 0.91x the time of one from 2.1-3.0 MB of work for the penalty and
+/// `value_and_grad` (float32 and float64) and 0.97-1.03x around 3-4 MB for `prox_` (0.91x from
+/// 4.2-5.9 MB), but 2-3.7x at 65,536 elements.
+pub const PARALLEL_MIN_BYTES_ASLEEP: usize = 3 << 20;
+
+/// Whether a call of `bytes` of work runs in parallel: from `PARALLEL_MIN_BYTES` with the workers
+/// awake, from `PARALLEL_MIN_BYTES_ASLEEP` without.
+fn parallel_pays(bytes: usize) -> bool {
     #[cfg(feature = "probe")]
+    if let Some(measured) = std::num::NonZeroUsize::new(MEASURED_MIN_BYTES.load(Ordering::Relaxed))
     {
-        match MEASURED_MIN_BYTES.load(Ordering::Relaxed) {
-            0 => PARALLEL_MIN_BYTES,
-            bytes => bytes,
-        }
+        return bytes >= measured.get();
     }
-    #[cfg(not(feature = "probe"))]
-    PARALLEL_MIN_BYTES
+    bytes >= PARALLEL_MIN_BYTES_ASLEEP || (bytes >= PARALLEL_MIN_BYTES && workers_awake())
 }
+
+/// Whether a parallel call would find its workers running: lingering after a call of our pool,
+/// or the caller's own rayon pool.
+fn workers_awake() -> bool {
+    LINGERING.load(Ordering::Relaxed) > 0 || rayon::current_thread_index().is_some()
+}
+
+/// Workers of our pool lingering after a call (see `stay_awake`).
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+/// Whether workers were woken after a serial call and have not started lingering yet.
+static WAKING: AtomicBool = AtomicBool::new(false);
 
 #[cfg(feature = "probe")]
 static MEASURED_MIN_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-/// Sets the parallel threshold (bytes of work; `0` restores `PARALLEL_MIN_BYTES`), for the
-/// benchmark that measures where a second thread starts to pay (`benches/threshold.py`). Results
-/// do not depend on it.
+/// Makes every call of at least `bytes` of work run in parallel, whether the workers are awake or
+/// not (`0` restores the thresholds above), for the benchmark that measures where a second thread
+/// starts to pay (`benches/threshold.py`). Results do not depend on it.
 #[cfg(feature = "probe")]
 pub fn set_min_bytes_for_measurement(bytes: usize) {
     MEASURED_MIN_BYTES.store(bytes, Ordering::Relaxed);
@@ -131,8 +186,11 @@ where
     if len <= CHUNK {
         return leaf(0..len); // the small-call path: no allocation, no pool
     }
-    let bytes = len.saturating_mul(element_size);
-    reduce_many(&[len], bytes, &|_, range| leaf(range))[0]
+    reduce_many(&[len], len.saturating_mul(element_size), &|_, range| {
+        leaf(range)
+    })
+    .pop()
+    .unwrap_or_default()
 }
 
 /// One cut of a tensor's chunk tree: the unit handed to a thread.
@@ -142,32 +200,37 @@ struct Piece {
 }
 
 /// Reduces every tensor `0..lens[t]` with `leaf(t, range)`, each along its own fixed tree (so each
-/// result has the bits of `reduce` on that tensor alone), all in one parallel region when
-/// `bytes` (the work: bytes read and written) reaches `PARALLEL_MIN_BYTES`.
+/// result has the bits of `reduce` on that tensor alone), all in one parallel region when `bytes`
+/// (the work: bytes read and written) reaches the threshold (`PARALLEL_MIN_BYTES` with the
+/// workers awake, `PARALLEL_MIN_BYTES_ASLEEP` without).
 ///
 /// Large tensors are cut into the subtrees of their tree at `SPLIT_DEPTH`; consecutive small
-/// ones are grouped into tasks of at least `CHUNK / 2` elements, so that a list of a thousand small
+/// ones are grouped into tasks of at least `MIN_CHUNK` elements, so that a list of a thousand small
 /// tensors costs a few hundred counter increments rather than a thousand.
 pub(crate) fn reduce_many<P, F>(lens: &[usize], bytes: usize, leaf: &F) -> Vec<P>
 where
     P: Partial,
     F: Fn(usize, Range<usize>) -> P + Sync,
 {
-    let interrupt = Interrupt::for_this_call(bytes);
+    let parallel = parallel_pays(bytes);
+    let interrupt = Interrupt::for_this_call(parallel);
     let leaf = &|tensor: usize, range: Range<usize>| {
         if interrupt.stopped() {
             return P::default(); // the call is abandoned: its result is never used
         }
         leaf(tensor, range)
     };
-    let tree = |tensor: usize| Tree {
-        len: lens[tensor],
-        leaf: move |range| leaf(tensor, range),
-    };
-    if bytes < min_bytes() {
-        return (0..lens.len())
+    let tree = |tensor: usize| Tree::new(lens[tensor], move |range| leaf(tensor, range));
+    // A single chunk cannot be shared: handing it out would only add the hand-over.
+    let one_chunk = lens.len() == 1 && chunk_count(lens[0]) == 1;
+    if !parallel || one_chunk {
+        let partials = (0..lens.len())
             .map(|tensor| tree(tensor).reduce(0..chunk_count(lens[tensor])))
             .collect();
+        if !parallel && !one_chunk && bytes >= PARALLEL_MIN_BYTES {
+            wake_if_calls_follow(); // serial only because the workers slept
+        }
+        return partials;
     }
     let mut pieces = Vec::new();
     for (tensor, &len) in lens.iter().enumerate() {
@@ -175,17 +238,18 @@ where
             pieces.push(Piece { tensor, chunks });
         });
     }
-    // Tasks: runs of consecutive pieces of at least CHUNK / 2 elements each (a piece of a large
-    // tensor is one already).
+    // Tasks: runs of consecutive pieces of at least MIN_CHUNK elements each (a piece of a tensor
+    // of several chunks is one already, but for its last chunk).
     let mut tasks: Vec<Range<usize>> = Vec::new();
     let mut task_elements = Vec::new();
     let mut start = 0;
     let mut elements = 0;
     for (index, piece) in pieces.iter().enumerate() {
         let len = lens[piece.tensor];
-        let chunks_end = (piece.chunks.end * CHUNK).min(len);
-        elements += chunks_end.saturating_sub(piece.chunks.start * CHUNK).max(1);
-        if elements >= CHUNK / 2 || index + 1 == pieces.len() {
+        let chunk = chunk_len(len);
+        let chunks_end = (piece.chunks.end * chunk).min(len);
+        elements += chunks_end.saturating_sub(piece.chunks.start * chunk).max(1);
+        if elements >= MIN_CHUNK || index + 1 == pieces.len() {
             tasks.push(start..index + 1);
             task_elements.push(elements);
             start = index + 1;
@@ -236,7 +300,7 @@ struct Shares {
     /// Share `s` is the tasks `bounds[s]..bounds[s + 1]`.
     bounds: Vec<usize>,
     /// The next task of each share.
-    next: Vec<AtomicUsize>,
+    next: Vec<OwnLine<AtomicUsize>>,
 }
 
 impl Shares {
@@ -254,7 +318,7 @@ impl Shares {
         bounds.resize(seats + 1, task_elements.len());
         let next = bounds[..seats]
             .iter()
-            .map(|&start| AtomicUsize::new(start))
+            .map(|&start| OwnLine(AtomicUsize::new(start)))
             .collect();
         Self { bounds, next }
     }
@@ -266,7 +330,7 @@ impl Shares {
         let mut taken = 0;
         for share in (0..seats).map(|offset| (seat + offset) % seats) {
             loop {
-                let task = self.next[share].fetch_add(1, Ordering::Relaxed);
+                let task = self.next[share].0.fetch_add(1, Ordering::Relaxed);
                 if task >= self.bounds[share + 1] {
                     break;
                 }
@@ -276,6 +340,12 @@ impl Shares {
         taken
     }
 }
+
+/// A value alone on its cache line (and the adjacent one, which x86 prefetches in pairs): each
+/// share's counter is taken from by its own thread, and counters sharing a line would bounce it
+/// between the cores on every task (measured: 2e5 float64 `value_and_grad` in 16 tasks, 1.19x).
+#[repr(align(128))]
+struct OwnLine<T>(T);
 
 /// How long a call may run between two looks at its caller's interrupt check.
 const INTERRUPT_PERIOD: Duration = Duration::from_millis(50);
@@ -320,10 +390,10 @@ struct Interrupt {
 }
 
 impl Interrupt {
-    fn for_this_call(bytes: usize) -> Self {
+    fn for_this_call(parallel: bool) -> Self {
         let installed = || INTERRUPT_CHECK.with(|slot| slot.borrow().is_some());
         Self {
-            checked: (bytes >= min_bytes() && installed())
+            checked: (parallel && installed())
                 .then(|| (std::thread::current().id(), Mutex::new(Instant::now()))),
             stopped: AtomicBool::new(false),
         }
@@ -359,25 +429,34 @@ impl Interrupt {
 
 /// Chunks of a tensor of `len` elements (an empty tensor has one, empty).
 fn chunk_count(len: usize) -> usize {
-    len.div_ceil(CHUNK).max(1)
+    len.div_ceil(chunk_len(len)).max(1)
 }
 
 /// The chunk tree of an input of `len` elements.
 struct Tree<F> {
     len: usize,
+    chunk: usize,
     leaf: F,
 }
 
 impl<F> Tree<F> {
+    fn new(len: usize, leaf: F) -> Self {
+        Self {
+            len,
+            chunk: chunk_len(len),
+            leaf,
+        }
+    }
+
     /// The partial of `chunks`, merged along the fixed tree.
     fn reduce<P>(&self, chunks: Range<usize>) -> P
     where
         P: Partial,
         F: Fn(Range<usize>) -> P,
     {
-        merge_walk(chunks, u32::MAX, &mut |chunk| {
-            let start = chunk.start * CHUNK;
-            (self.leaf)(start..self.len.min(start + CHUNK))
+        merge_walk(chunks, u32::MAX, &mut |chunks| {
+            let start = chunks.start * self.chunk;
+            (self.leaf)(start..self.len.min(start + self.chunk))
         })
     }
 }
@@ -469,51 +548,90 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     trace.finish();
     // A call whose workers all came too late was most likely done by the caller alone while its
     // worker waited on the caller's own CPU (the OS put it there when waking it, and it stays
-    // there while it keeps spinning). After two such calls in a row the workers sleep briefly
-    // first, so that the OS wakes them on a free CPU; then after 4, 8, 16, .. more, so that a
-    // machine whose other CPUs are all busy pays such a pause rarely.
+    // there while it keeps lingering). After two such calls in a row the workers do not linger:
+    // they sleep in the pool, and the next call's wake-up lets the OS place them on an idle CPU
+    // (a worker that slept on a timer instead was woken on the caller's CPU again: stuck in 3 of
+    // 6 trace runs of 1000 calls, against 0 of 6). Again after 4, 8, 16, .. late calls, so that a
+    // machine whose other CPUs are all busy pays that wake-up rarely.
     let late = if helped.load(Ordering::Relaxed) == 0 {
         LATE_CALLS.fetch_add(1, Ordering::Relaxed) + 1
     } else {
         LATE_CALLS.store(0, Ordering::Relaxed);
         0
     };
-    let relocate = late >= 2 && late.is_power_of_two();
-    wake_workers(&pool, helpers, this_call, relocate);
+    if late >= 2 && late.is_power_of_two() {
+        trace::relocated();
+        return;
+    }
+    wake_workers(&pool, helpers, this_call);
 }
 
 /// Hands each of `helpers` workers a job that keeps it awake until a call after `this_call`
-/// starts (at most `linger()`), after a short sleep first with `relocate`.
-fn wake_workers(pool: &ThreadPool, helpers: usize, this_call: usize, relocate: bool) {
+/// starts (at most `linger()`).
+fn wake_workers(pool: &ThreadPool, helpers: usize, this_call: usize) {
     let linger = linger();
     if linger.is_zero() {
         return;
     }
     for _ in 0..helpers {
-        pool.spawn(move || stay_awake(this_call, linger, relocate));
+        pool.spawn(move || stay_awake(this_call, linger));
     }
 }
 
 /// Parallel calls in a row whose workers all came too late to take a piece.
 static LATE_CALLS: AtomicUsize = AtomicUsize::new(0);
 
-/// Waits (for at most `linger`) until a call after `this_call` starts, keeping a worker on its
-/// CPU; yields on every turn, so that any other runnable thread goes first. With `relocate` it
-/// first sleeps briefly, so that the OS wakes it again on a CPU of its choosing: one that is idle
-/// if there is one, rather than the caller's, where the worker had been waiting (see `spread`).
-fn stay_awake(this_call: usize, linger: Duration, relocate: bool) {
-    if relocate {
-        trace::relocated();
-        std::thread::sleep(RELOCATE);
+/// After a call that ran serially only because the workers slept: wakes them (to linger until the
+/// next parallel call) when the previous such call came less than a linger ago, so that a run of
+/// calls finds them awake from its third call on. Waking costs the caller ~25 us (measured on a
+/// 2-vCPU VM: float32 1e5 penalties 2 ms apart took 40 us with the wake-up, 15 us without), so
+/// calls that come one at a time never pay it.
+fn wake_if_calls_follow() {
+    // Wall-clock nanoseconds: a clock step merely wakes the workers once too often or too few.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64);
+    let last = LAST_ASLEEP_CALL.swap(now, Ordering::Relaxed);
+    if now.saturating_sub(last) < linger().as_nanos() as u64 {
+        wake_for_next_call();
     }
+}
+
+/// When the last call that ran serially because the workers slept ended (see
+/// `wake_if_calls_follow`).
+static LAST_ASLEEP_CALL: AtomicU64 = AtomicU64::new(0);
+
+/// Wakes the workers of our pool (if it exists and none is awake or being woken) to linger until
+/// the next parallel call.
+fn wake_for_next_call() {
+    if rayon::current_thread_index().is_some()
+        || LINGERING.load(Ordering::Relaxed) > 0
+        || WAKING.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    let Some(pool) = pool() else {
+        WAKING.store(false, Ordering::Release);
+        return;
+    };
+    let this_call = CALLS_STARTED.load(Ordering::Acquire);
+    wake_workers(&pool, pool.current_num_threads(), this_call);
+    if linger().is_zero() {
+        WAKING.store(false, Ordering::Release);
+    }
+}
+
+/// Waits (for at most `linger`) until a call after `this_call` starts, keeping a worker on its
+/// CPU; yields on every turn, so that any other runnable thread goes first.
+fn stay_awake(this_call: usize, linger: Duration) {
+    LINGERING.fetch_add(1, Ordering::AcqRel);
+    WAKING.store(false, Ordering::Release);
     let start = Instant::now();
     while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < linger {
         std::thread::yield_now();
     }
+    LINGERING.fetch_sub(1, Ordering::AcqRel);
 }
-
-/// How long a late worker sleeps to be woken on another CPU (the OS adds its timer slack, ~50 us).
-const RELOCATE: Duration = Duration::from_micros(1);
 
 /// What the `probe` feature's engine trace records of one parallel call: when each thread
 /// started and ended its pieces, and how long the caller waited for the workers.
@@ -551,7 +669,8 @@ pub mod trace {
     static CALLS: Mutex<Vec<CallTrace>> = Mutex::new(Vec::new());
     static RELOCATED: AtomicUsize = AtomicUsize::new(0);
 
-    /// How often late workers were sent to sleep before staying awake, since the last call.
+    /// How often late workers were left to sleep in the pool instead of lingering, since the last
+    /// call.
     pub fn take_relocated() -> usize {
         RELOCATED.swap(0, Ordering::Relaxed)
     }
@@ -739,6 +858,8 @@ fn pool() -> Option<Arc<ThreadPool>> {
         }
         // Counts of the parent's workers, which do not exist here.
         LATE_CALLS.store(0, Ordering::Release);
+        LINGERING.store(0, Ordering::Release);
+        WAKING.store(false, Ordering::Release);
         POOL_PID.store(pid, Ordering::Release);
     }
     if let Some(pool) = slot
@@ -774,10 +895,11 @@ fn pool() -> Option<Arc<ThreadPool>> {
 }
 
 /// Starts the thread pool now if a call that writes in place, over an input of `input_bytes`,
-/// may run in parallel (such a call counts up to three passes over its input towards
-/// `PARALLEL_MIN_BYTES`). A failure to start it is then reported by [`take_pool_error`] before the
-/// call has written anything, so that a caller who turns the report into an error leaves the
-/// data untouched. Inside a caller's rayon pool, or with one thread, there is nothing to start.
+/// may run in parallel or wake the workers (such a call counts up to three passes over its input
+/// towards `PARALLEL_MIN_BYTES`). A failure to start it is then reported by [`take_pool_error`]
+/// before the call has written anything, so that a caller who turns the report into an error
+/// leaves the data untouched. Inside a caller's rayon pool, or with one thread, there is nothing
+/// to start.
 pub fn start_pool_before_writing(input_bytes: usize) {
     if input_bytes.saturating_mul(3) >= PARALLEL_MIN_BYTES
         && rayon::current_thread_index().is_none()
@@ -835,10 +957,29 @@ mod tests {
             CHUNK,
             CHUNK + 1,
             5 * CHUNK + 7,
-            PARALLEL_MIN_BYTES * 3 + 1,
+            100_000,
+            FEW_CHUNKS * CHUNK,
+            PARALLEL_MIN_BYTES_ASLEEP + 1,
         ] {
             assert_eq!(reduce(len, 1, &count_leaf).abs, len as u128, "len {len}");
+            assert_eq!(reduce(len, 64, &count_leaf).abs, len as u128, "len {len}");
         }
+    }
+
+    #[test]
+    fn mid_sized_tensors_are_cut_into_many_chunks() {
+        for len in [CHUNK + 1, 100_000, 300_000, FEW_CHUNKS * CHUNK - 1] {
+            let chunk = chunk_len(len);
+            assert_eq!(chunk % CHUNK_STEP, 0, "len {len}");
+            assert!((MIN_CHUNK..=CHUNK).contains(&chunk), "len {len}");
+            assert!(
+                chunk_count(len) >= FEW_CHUNKS.min(len / MIN_CHUNK),
+                "len {len}"
+            );
+        }
+        assert_eq!(chunk_count(CHUNK), 1);
+        assert_eq!(chunk_len(FEW_CHUNKS * CHUNK), CHUNK);
+        assert_eq!(chunk_count(1 << 30), (1 << 30) / CHUNK);
     }
 
     #[test]
