@@ -122,7 +122,7 @@ fn workers_awake() -> bool {
     LINGERING.load(Ordering::Relaxed) > 0 || rayon::current_thread_index().is_some()
 }
 
-/// Workers of our pool lingering after a call (see `stay_awake`).
+/// Workers of our pool lingering after a call, or about to (see `wake_workers`).
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
 /// Whether workers were woken after a serial call and have not started lingering yet.
 static WAKING: AtomicBool = AtomicBool::new(false);
@@ -563,18 +563,23 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         trace::relocated();
         return;
     }
-    wake_workers(&pool, helpers, this_call);
+    wake_workers(&pool, helpers, this_call, true);
 }
 
 /// Hands each of `helpers` workers a job that keeps it awake until a call after `this_call`
-/// starts (at most `linger()`).
-fn wake_workers(pool: &ThreadPool, helpers: usize, this_call: usize) {
+/// starts (at most `linger()`). `awake`: the workers are running now (they just finished a call's
+/// work), so they count as lingering from now on, not only once their job starts: a call that
+/// follows at once must find them counted, or it would run serially.
+fn wake_workers(pool: &ThreadPool, helpers: usize, this_call: usize, awake: bool) {
     let linger = linger();
     if linger.is_zero() {
         return;
     }
+    if awake {
+        LINGERING.fetch_add(helpers, Ordering::AcqRel);
+    }
     for _ in 0..helpers {
-        pool.spawn(move || stay_awake(this_call, linger));
+        pool.spawn(move || stay_awake(this_call, linger, awake));
     }
 }
 
@@ -615,17 +620,20 @@ fn wake_for_next_call() {
         return;
     };
     let this_call = CALLS_STARTED.load(Ordering::Acquire);
-    wake_workers(&pool, pool.current_num_threads(), this_call);
+    wake_workers(&pool, pool.current_num_threads(), this_call, false);
     if linger().is_zero() {
         WAKING.store(false, Ordering::Release);
     }
 }
 
 /// Waits (for at most `linger`) until a call after `this_call` starts, keeping a worker on its
-/// CPU; yields on every turn, so that any other runnable thread goes first.
-fn stay_awake(this_call: usize, linger: Duration) {
-    LINGERING.fetch_add(1, Ordering::AcqRel);
-    WAKING.store(false, Ordering::Release);
+/// CPU; yields on every turn, so that any other runnable thread goes first. `counted`: the
+/// spawner counted it in `LINGERING` already.
+fn stay_awake(this_call: usize, linger: Duration, counted: bool) {
+    if !counted {
+        LINGERING.fetch_add(1, Ordering::AcqRel);
+        WAKING.store(false, Ordering::Release);
+    }
     let start = Instant::now();
     while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < linger {
         std::thread::yield_now();
