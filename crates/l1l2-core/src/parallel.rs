@@ -2,7 +2,8 @@
 //!
 //! The input is cut into chunks of at most `CHUNK` elements whose boundaries depend on the length
 //! only (see [`chunk_len`]: a tensor of up to 8 full chunks is cut into about 8, so that two
-//! threads can split it evenly). Chunk partials are merged along a fixed binary tree (split at the middle chunk). For a parallel
+//! threads can split it evenly). Chunk partials are merged along a fixed binary tree (split at the
+//! middle chunk). For a parallel
 //! run the tree is cut at depth `SPLIT_DEPTH` into at most 128 subtrees, and those into one
 //! contiguous share per thread; each thread takes the pieces of its own share first (so a call
 //! on the same array finds each thread's share still in its core's cache), then helps with the
@@ -89,10 +90,11 @@ pub fn chunk_len(len: usize) -> usize {
 /// workers are awake (lingering after a recent call, see [`linger`]): below this, handing half of
 /// the work to a second thread does not win back what the hand-over costs.
 ///
-/// From `benches/threshold.py` (recorded in `benches/results/threshold/`), workers awake: at
-/// 512 KiB of work two threads took 0.80-0.93x the time of one (float32 penalty 0.91x at 131,072
-/// elements, `value_and_grad` 0.80x at 65,536, `prox_` 0.93x; float64 penalty 0.89x at 65,536),
-/// while the float32 penalty took 1.05x at 370 KB and 1.22x at 256 KiB.
+/// From `benches/threshold.py` (recorded in `benches/results/threshold/`), workers awake: two
+/// threads beat one by 1.10x from 512 KiB of work for the float32 penalty and `value_and_grad`,
+/// and from 0.74-1.48 MB for the other ops; at 512 KiB those took 1.01x (float32 `prox_`) and
+/// 1.06x (float64 penalty) the time of one thread. (float64 `value_and_grad` and `prox_` reach
+/// 512 KiB at 32 Ki elements: one chunk, which always runs on the calling thread.)
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
 /// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
@@ -100,9 +102,9 @@ pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 /// has run (a rayon scope), so a call that one thread finishes sooner pays the whole wake-up.
 ///
 /// From `benches/threshold.py --asleep` (each call 2 ms after the last, the linger long over):
-/// two threads took at most 0.91x the time of one from 2.1-3.0 MB of work for the penalty and
-/// `value_and_grad` (float32 and float64) and 0.97-1.03x around 3-4 MB for `prox_` (0.91x from
-/// 4.2-5.9 MB), but 2-3.7x at 65,536 elements.
+/// two threads beat one by 1.10x from 2.1 MB of work for the penalty, 3.0 MB for
+/// `value_and_grad` and 4.2 MB for `prox_`, in float32 and float64 alike; at 65,536 elements they
+/// took 2.1-3.8x the time of one.
 pub const PARALLEL_MIN_BYTES_ASLEEP: usize = 3 << 20;
 
 /// Whether a call of `bytes` of work runs in parallel: from `PARALLEL_MIN_BYTES` with the workers
