@@ -611,16 +611,16 @@ static LAST_ASLEEP_CALL: AtomicU64 = AtomicU64::new(0);
 /// Wakes the workers of our pool (if it exists and none is awake or being woken) to linger until
 /// the next parallel call.
 fn wake_for_next_call() {
-    if rayon::current_thread_index().is_some()
-        || LINGERING.load(Ordering::Relaxed) > 0
-        || WAKING.swap(true, Ordering::AcqRel)
-    {
+    if rayon::current_thread_index().is_some() || LINGERING.load(Ordering::Relaxed) > 0 {
         return;
     }
+    // The pool first: in a forked child, looking it up also clears the parent's `WAKING`.
     let Some(pool) = pool() else {
-        WAKING.store(false, Ordering::Release);
         return;
     };
+    if WAKING.swap(true, Ordering::AcqRel) {
+        return;
+    }
     let this_call = CALLS_STARTED.load(Ordering::Acquire);
     wake_workers(&pool, pool.current_num_threads(), this_call, false);
     if linger().is_zero() {
