@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import L1, L2, Timing, make
+from compare import L1, L2, Timing, make, seconds_after_pause
 
 
 def load_build(directory: Path) -> ModuleType:
@@ -70,15 +70,7 @@ def seconds_per_call(call: Callable[[], Any], gap: float, count: int) -> float:
         for _ in range(count):
             call()
         return (time.perf_counter() - start) / count
-    total = 0.0
-    for _ in range(count):
-        end = time.perf_counter() + gap
-        while time.perf_counter() < end:
-            pass
-        start = time.perf_counter()
-        call()
-        total += time.perf_counter() - start
-    return total / count
+    return sum(seconds_after_pause(call, gap) for _ in range(count)) / count
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[float]]:

@@ -192,6 +192,17 @@ def time_interleaved(
     return {name: Timing.of(values) for name, values in samples.items()}
 
 
+def seconds_after_pause(call: Candidate, pause: float) -> float:
+    """Spins for ``pause`` seconds (as a training step's other work would keep the CPU busy),
+    then returns the seconds of one ``call``, timed alone."""
+    end = time.perf_counter() + pause
+    while time.perf_counter() < end:
+        pass
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 MEMORY_PROBE = """
 import resource, sys, numpy as np, l1l2_rs
 x = np.random.default_rng(0).standard_normal({size}, dtype=np.float32)

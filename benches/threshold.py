@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,15 @@ import l1l2_rs
 from l1l2_rs import _l1l2_rs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import L1, L2, Timing, make, time_interleaved, write_results
+from compare import (
+    L1,
+    L2,
+    Timing,
+    make,
+    seconds_after_pause,
+    time_interleaved,
+    write_results,
+)
 
 # Bytes of work per byte of input, as the library counts them for its thresholds.
 WORK_PER_BYTE = {"penalty": 1, "value_and_grad": 2, "prox_": 2}
@@ -66,16 +73,7 @@ def with_threads(threads: int, call: Callable[[], Any]) -> Callable[[], Any]:
 
 def after_gap(call: Callable[[], Any], gap: float) -> Callable[[], float]:
     """``call`` timed alone, after spinning for ``gap`` seconds: returns its seconds."""
-
-    def timed() -> float:
-        end = time.perf_counter() + gap
-        while time.perf_counter() < end:
-            pass
-        start = time.perf_counter()
-        call()
-        return time.perf_counter() - start
-
-    return timed
+    return lambda: seconds_after_pause(call, gap)
 
 
 def time_after_gaps(
