@@ -87,7 +87,7 @@ fn warn_of_pool_error(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
+pub(crate) fn factors(l1: Option<f64>, l2: Option<f64>) -> PyResult<Factors> {
     Factors::new(l1, l2).map_err(|error| to_py(error, SINGLE))
 }
 
@@ -119,7 +119,14 @@ pub(crate) fn penalty<'py>(
     l1: Option<f64>,
     l2: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let factors = factors(l1, l2)?;
+    penalty_of(x, factors(l1, l2)?)
+}
+
+/// `penalty` with validated factors (the regularizers' native `__call__` shares it).
+pub(crate) fn penalty_of<'py>(
+    x: &Bound<'py, PyAny>,
+    factors: Factors,
+) -> PyResult<Bound<'py, PyAny>> {
     let view = read_view(x)?;
     let sums = detach_if_large(x.py(), view.len(), || view.sums())?;
     let dtype = view.dtype();

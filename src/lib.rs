@@ -4,7 +4,8 @@
 //! released and converts the result (`functions`); core errors become Python exceptions
 //! (`errors`). Objects that are not numpy arrays the core can read in place raise `NotReadable`,
 //! and the Python layer converts them with numpy and calls again: nothing here calls back into
-//! Python.
+//! Python but the regularizers' native `__call__` (`regularizer`), which hands such objects to its
+//! Python subclass.
 
 mod arrays;
 mod checkpoint;
@@ -14,6 +15,7 @@ mod orthogonal;
 mod partials;
 #[cfg(feature = "probe")]
 mod probe;
+mod regularizer;
 mod xla_ffi;
 
 use numpy::PyArrayDescrMethods;
@@ -41,6 +43,7 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::simd_isa, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::safetensors_layout, m)?)?;
     partials::register(m)?;
+    m.add_class::<regularizer::PenaltyTerms>()?;
     m.add_function(wrap_pyfunction!(orthogonal::orthogonal_penalty, m)?)?;
     xla_ffi::register(m)?;
     #[cfg(feature = "probe")]

@@ -148,9 +148,34 @@ class TestValueSemantics:
     def test_pickle_deepcopy_and_json(self, regularizer: Regularizer) -> None:
         assert pickle.loads(pickle.dumps(regularizer)) == regularizer
         assert copy.deepcopy(regularizer) == regularizer
+        # The native call of a rebuilt object uses the rebuilt factors (state restored, not
+        # `__init__` run): the exact penalty, rounded to float64.
+        x = np.array([3.0, -4.0, 0.5, 1e-3])
+        config = regularizer.get_config()
+        exact = Fraction(config.get("l1", 0.0)) * sum(abs(Fraction(v)) for v in x) + Fraction(
+            config.get("l2", 0.0)
+        ) * sum(Fraction(v) ** 2 for v in x)
+        for rebuilt in (
+            pickle.loads(pickle.dumps(regularizer)),
+            copy.deepcopy(regularizer),
+            copy.copy(regularizer),
+        ):
+            assert float(rebuilt(x)) == pytest.approx(float(exact), rel=4e-16)
+            assert float(rebuilt(x)) == float(regularizer(x))
         text = json.dumps(serialize(regularizer))
         assert deserialize(json.loads(text)) == regularizer
         assert json.loads(json.dumps(regularizer.get_config())) == regularizer.get_config()
+
+    def test_native_call_follows_subclasses(self) -> None:
+        """A subclass's own ``__call__`` wins over the native one, and can call it."""
+
+        class Doubled(L1L2):
+            def __call__(self, x: Any) -> Any:
+                return 2 * super().__call__(x)
+
+        x = np.array([1.0, -2.0])
+        assert float(Doubled(0.5, 0.25)(x)) == 2 * (0.5 * 3.0 + 0.25 * 5.0)
+        assert float(Doubled(0.5, 0.25)([1.0, -2.0])) == 2 * (0.5 * 3.0 + 0.25 * 5.0)
 
 
 class TestGet:

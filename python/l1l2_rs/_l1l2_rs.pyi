@@ -3,12 +3,14 @@
 from typing import Any, Final, final
 
 import numpy as np
+from typing_extensions import disjoint_base
 
 __all__ = [
     "CHUNK_LEN",
     "PARALLEL_MIN_BYTES",
     "PARALLEL_MIN_BYTES_ASLEEP",
     "NotReadable",
+    "PenaltyTerms",
     "SumsPartial",
     "get_num_threads",
     "orthogonal_penalty",
@@ -51,6 +53,14 @@ class SumsPartial:
     def __reduce__(self) -> tuple[Any, tuple[bytes]]: ...
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
+
+@disjoint_base
+class PenaltyTerms:
+    """The native base of the built-in L1/L2 regularizers: their terms and ``__call__``."""
+
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> PenaltyTerms: ...
+    def _set_terms(self, l1: float | None, l2: float | None) -> None: ...
+    def __call__(self, x: object) -> Any: ...
 
 def sums(x: object) -> tuple[float, float]: ...
 def penalty(x: object, l1: float | None, l2: float | None) -> np.generic: ...

@@ -206,12 +206,17 @@ def _factor_check(name: str, default: float | None) -> Callable[[object], object
     return lambda value: _factor(name, value, default)
 
 
-class _Builtin(_Validated):
+class _Builtin(_l1l2_rs.PenaltyTerms, _Validated):
     """What the L1/L2 regularizers share: the training ops with the object's terms.
 
     ``_terms()`` gives the factors of the terms present (``None`` leaves a term out): the penalty,
     its gradient and the prox step all follow it, so ``L1(0)`` keeps its term (NaN shows) and
     ``L1L2(0.1, 0)`` has no L2 term at all.
+
+    The call itself is native (``PenaltyTerms.__call__``, no Python frame on the small-call path):
+    the native base holds a copy of the terms, set again whenever a factor is assigned and when
+    the object is unpickled or copied. What it cannot read in place comes back to
+    ``_penalty_of_unreadable``.
     """
 
     def get_config(self) -> dict[str, float]:
@@ -220,12 +225,29 @@ class _Builtin(_Validated):
     def _terms(self) -> tuple[float | None, float | None]:
         raise NotImplementedError  # pragma: no cover - every built-in overrides it
 
-    def __call__(self, x: Any) -> Penalty:
-        l1, l2 = self._terms()
-        try:  # inlined `call`: this is the small-call path
-            return _native_penalty(x, l1, l2)
-        except NotReadable:  # not a numpy array: converted, or a traced / differentiable tensor
-            return penalty_of_unreadable(_native_penalty, x, l1, l2)
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in self._CHECKS:
+            self._sync_terms()
+
+    def _sync_terms(self) -> None:
+        """Copy the terms into the native base, once every factor is set (``__init__`` sets them
+        one by one; until then the call has no terms and returns 0)."""
+        if all(name in self.__dict__ for name in self._CHECKS):
+            self._set_terms(*self._terms())
+
+    def __getnewargs__(self) -> tuple[()]:
+        # Pickled and copied by state (the instance dict): the native base needs no arguments.
+        return ()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._sync_terms()
+
+    def _penalty_of_unreadable(self, x: Any) -> Penalty:
+        """The call on what is not a numpy array the core reads in place: converted, or a traced /
+        differentiable tensor."""
+        return penalty_of_unreadable(_native_penalty, x, *self._terms())
 
     def grad(self, x: Any, *, out: Any = None) -> Any:
         """The gradient of the penalty at ``x``, written into ``out`` (a new array when None)."""
