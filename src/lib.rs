@@ -30,6 +30,8 @@ fn _l1l2_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     numpy::PyUntypedArray::type_object(m.py());
     numpy::dtype::<f64>(m.py()).itemsize();
     arrays::init_masked_array(m.py())?;
+    // The same for the state the thread pool's workers share.
+    l1l2_core::parallel::init_globals();
     m.add_function(wrap_pyfunction!(functions::sums, m)?)?;
     m.add_function(wrap_pyfunction!(functions::penalty, m)?)?;
     m.add_function(wrap_pyfunction!(functions::value_and_grad, m)?)?;

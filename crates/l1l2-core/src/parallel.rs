@@ -854,11 +854,22 @@ pub fn parse_thread_count(value: &str) -> Option<usize> {
 /// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
 /// `None` means run serially (one thread wanted, the pool could not be built, or a fork left the
 /// lock held).
+/// Builds now the process-wide state that the pool's threads would otherwise build lazily on
+/// their first piece of work: crossbeam's epoch collector, behind a once-cell. A process forked
+/// while a worker is inside that first initialisation inherits the cell half-built, without the
+/// thread that would finish it, and its own pool's workers then wait on it forever (seen: 5 of
+/// 400 trials that forked during a first large call). Call it once at startup, before any thread
+/// can fork (the Python module does so at import); the pool calls it before its first build too.
+pub fn init_globals() {
+    let _ = crossbeam_epoch::default_collector();
+}
+
 fn pool() -> Option<Arc<ThreadPool>> {
     let workers = num_threads() - 1;
     if workers == 0 {
         return None;
     }
+    init_globals();
     let pid = std::process::id();
     let mut slot = lock_pool(pid)?;
     if POOL_PID.load(Ordering::Acquire) != pid {
