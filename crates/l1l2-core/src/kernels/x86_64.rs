@@ -1,7 +1,10 @@
 //! x86-64 instruction sets: one wrapper each that only adds target features and runs a generic
-//! [`Kernel`] inside them, and F16C widening (the only place intrinsics are needed).
+//! [`Kernel`] inside them, F16C widening and the software prefetch (the only places intrinsics
+//! are needed).
 
-use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+use std::arch::x86_64::{
+    __m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128, _mm_prefetch, _MM_HINT_T1,
+};
 
 use half::f16;
 
@@ -54,4 +57,14 @@ pub(crate) unsafe fn widen_abs_f16c(step: &[f16]) -> [f64; LANES] {
         }
     }
     std::array::from_fn(|lane| f64::from(halves[lane].abs()))
+}
+
+/// Asks the CPU to bring the cache line at `address` into L2 (SSE's `prefetcht1`, part of every
+/// x86-64 CPU). Any address will do: a prefetch never faults, and past the end of a slice it only
+/// fetches a line nobody reads.
+#[inline(always)]
+pub(crate) fn prefetch(address: *const u8) {
+    // SAFETY: a prefetch is a hint: it reads nothing into the program's state, never faults (an
+    // unmapped address is ignored) and writes nothing, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T1>(address.cast::<i8>()) }
 }
