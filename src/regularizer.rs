@@ -3,7 +3,6 @@
 //! more than the penalty of a thousand elements.
 
 use l1l2_core::Factors;
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -41,8 +40,10 @@ impl PenaltyTerms {
     fn __call__<'py>(slf: &Bound<'py, Self>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let factors = slf.borrow().factors;
         match penalty_of(x, factors) {
+            // The name is a plain string, not `intern!`: that caches it behind a once-cell, which
+            // a child forked while another thread fills it would wait on forever.
             Err(error) if error.is_instance_of::<NotReadable>(x.py()) => {
-                slf.call_method1(intern!(x.py(), "_penalty_of_unreadable"), (x,))
+                slf.call_method1("_penalty_of_unreadable", (x,))
             }
             result => result,
         }

@@ -32,12 +32,18 @@ FORK_TRIAL = textwrap.dedent(
         "list": lambda: [1.0, 2.0, 3.0],  # converted in Python, placed on a cache line
         "byteswapped": lambda: np.ones(10, ">f4"),
         "void": lambda: np.zeros(3, "V2"),  # the dtype's name, an error message
+        # The regularizer's native call, and its way back into Python for what it cannot read.
+        "regularizer": lambda: [1.0, 2.0, 3.0],
     }
     x = inputs[sys.argv[1]]()
+    regularizer = l1l2_rs.L1L2(0.1, 0.2)
 
     def call():
         try:
-            l1l2_rs.sums(x)
+            if sys.argv[1] == "regularizer":
+                regularizer(x)
+            else:
+                l1l2_rs.sums(x)
         except TypeError:
             pass  # "void" is refused, which is its own first-time path
 
@@ -64,7 +70,7 @@ FORK_TRIAL = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
-@pytest.mark.parametrize("kind", ["large", "small", "list", "byteswapped", "void"])
+@pytest.mark.parametrize("kind", ["large", "small", "list", "byteswapped", "void", "regularizer"])
 def test_fork_during_a_first_call_never_hangs_the_child(kind: str) -> None:
     forks = hung = 0
     for _ in range(4):

@@ -851,9 +851,6 @@ pub fn parse_thread_count(value: &str) -> Option<usize> {
     }
 }
 
-/// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
-/// `None` means run serially (one thread wanted, the pool could not be built, or a fork left the
-/// lock held).
 /// Builds now the process-wide state that the pool's threads would otherwise build lazily on
 /// their first piece of work: crossbeam's epoch collector, behind a once-cell. A process forked
 /// while a worker is inside that first initialisation inherits the cell half-built, without the
@@ -864,6 +861,9 @@ pub fn init_globals() {
     let _ = crossbeam_epoch::default_collector();
 }
 
+/// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
+/// `None` means run serially (one thread wanted, the pool could not be built, or a fork left the
+/// lock held).
 fn pool() -> Option<Arc<ThreadPool>> {
     let workers = num_threads() - 1;
     if workers == 0 {
