@@ -11,11 +11,13 @@ use crate::functions::{factors, penalty_of};
 
 /// The terms `(l1, l2)` of a regularizer (`None` leaves a term out) and its call on them.
 ///
-/// The Python subclass sets the terms whenever a factor changes (`_set_terms`); input the core
-/// cannot read in place goes to the subclass's `_penalty_of_unreadable(x)`.
+/// The Python subclass sets the terms whenever a factor changes (`_set_terms`). Input the core
+/// cannot read in place, and any call before the terms were set (a subclass whose `__init__` never
+/// set its factors), go to the subclass's `_python_call(x)`: it raises what the Python layer raises
+/// for a missing factor, where terms of nothing would silently give a zero penalty.
 #[pyclass(subclass, module = "l1l2_rs._l1l2_rs")]
 pub(crate) struct PenaltyTerms {
-    factors: Factors,
+    factors: Option<Factors>,
 }
 
 #[pymethods]
@@ -24,26 +26,26 @@ impl PenaltyTerms {
     /// subclass's constructor arguments.
     #[new]
     #[pyo3(signature = (*_args, **_kwargs))]
-    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        Ok(Self {
-            factors: factors(None, None)?,
-        })
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        Self { factors: None }
     }
 
     /// Replaces the terms: each `None` or a finite non-negative float.
     fn _set_terms(&mut self, l1: Option<f64>, l2: Option<f64>) -> PyResult<()> {
-        self.factors = factors(l1, l2)?;
+        self.factors = Some(factors(l1, l2)?);
         Ok(())
     }
 
     /// `l1 * sum(|x|) + l2 * sum(x**2)` of the terms present, as `l1l2_rs.penalty`.
     fn __call__<'py>(slf: &Bound<'py, Self>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let factors = slf.borrow().factors;
+        // The method's name is a plain string, not `intern!`: that caches it behind a once-cell,
+        // which a child forked while another thread fills it would wait on forever.
+        let Some(factors) = slf.borrow().factors else {
+            return slf.call_method1("_python_call", (x,));
+        };
         match penalty_of(x, factors) {
-            // The name is a plain string, not `intern!`: that caches it behind a once-cell, which
-            // a child forked while another thread fills it would wait on forever.
             Err(error) if error.is_instance_of::<NotReadable>(x.py()) => {
-                slf.call_method1("_penalty_of_unreadable", (x,))
+                slf.call_method1("_python_call", (x,))
             }
             result => result,
         }

@@ -177,6 +177,17 @@ class TestValueSemantics:
         assert float(Doubled(0.5, 0.25)(x)) == 2 * (0.5 * 3.0 + 0.25 * 5.0)
         assert float(Doubled(0.5, 0.25)([1.0, -2.0])) == 2 * (0.5 * 3.0 + 0.25 * 5.0)
 
+    def test_a_subclass_that_sets_no_factor_is_not_a_zero_penalty(self) -> None:
+        """Terms never set must not read as "no terms" (a penalty of 0): the call raises for the
+        missing factor, as it did before the call was native."""
+
+        class Forgetful(L1L2):
+            def __init__(self, scale: float) -> None:
+                self.scale = scale  # no super().__init__: l1 and l2 are never set
+
+        with pytest.raises(AttributeError, match="l1"):
+            Forgetful(2.0)(np.array([1.0, -2.0]))
+
 
 class TestGet:
     def test_none_instances_callables_and_classes(self) -> None:

@@ -215,8 +215,8 @@ class _Builtin(_l1l2_rs.PenaltyTerms, _Validated):
 
     The call itself is native (``PenaltyTerms.__call__``, no Python frame on the small-call path):
     the native base holds a copy of the terms, set again whenever a factor is assigned and when
-    the object is unpickled or copied. What it cannot read in place comes back to
-    ``_penalty_of_unreadable``.
+    the object is unpickled or copied. What it cannot read in place, and every call before the
+    terms are set, comes back to ``_python_call``.
     """
 
     def get_config(self) -> dict[str, float]:
@@ -232,7 +232,7 @@ class _Builtin(_l1l2_rs.PenaltyTerms, _Validated):
 
     def _sync_terms(self) -> None:
         """Copy the terms into the native base, once every factor is set (``__init__`` sets them
-        one by one; until then the call has no terms and returns 0)."""
+        one by one; until then the native call hands every call to ``_python_call``)."""
         if all(name in self.__dict__ for name in self._CHECKS):
             self._set_terms(*self._terms())
 
@@ -244,9 +244,10 @@ class _Builtin(_l1l2_rs.PenaltyTerms, _Validated):
         self.__dict__.update(state)
         self._sync_terms()
 
-    def _penalty_of_unreadable(self, x: Any) -> Penalty:
-        """The call on what is not a numpy array the core reads in place: converted, or a traced /
-        differentiable tensor."""
+    def _python_call(self, x: Any) -> Penalty:
+        """The call on what is not a numpy array the core reads in place (converted, or a traced /
+        differentiable tensor), and on anything while the terms are not set (a subclass whose
+        ``__init__`` set no factor gets the ``AttributeError`` of the missing one)."""
         return penalty_of_unreadable(_native_penalty, x, *self._terms())
 
     def grad(self, x: Any, *, out: Any = None) -> Any:
