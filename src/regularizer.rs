@@ -40,7 +40,8 @@ impl PenaltyTerms {
     fn __call__<'py>(slf: &Bound<'py, Self>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         // The method's name is a plain string, not `intern!`: that caches it behind a once-cell,
         // which a child forked while another thread fills it would wait on forever.
-        let Some(factors) = slf.borrow().factors else {
+        let factors = slf.borrow().factors; // the borrow ends here, before any Python runs
+        let Some(factors) = factors else {
             return slf.call_method1("_python_call", (x,));
         };
         match penalty_of(x, factors) {
