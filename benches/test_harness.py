@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from compare import Timing, build_c_reference, make
+from compare import Timing, build_c_reference, make, views_of_one_buffer
 
 
 def test_timing_quartiles_match_numpy_percentiles() -> None:
@@ -17,6 +17,18 @@ def test_timing_quartiles_match_numpy_percentiles() -> None:
     q1, median, q3 = np.percentile(samples, [25, 50, 75])
     assert (timing.q1, timing.median, timing.q3) == pytest.approx((q1, median, q3))
     assert timing.iqr_percent == pytest.approx(100 * (q3 - q1) / median)
+
+
+def test_views_of_one_buffer_are_disjoint_aligned_arrays_of_the_shapes() -> None:
+    shapes = [(3, 5), (64,), (7, 1, 2), (1,), (4096, 3)]
+    views = views_of_one_buffer(shapes)
+    assert [view.shape for view in views] == shapes
+    assert all(view.dtype == np.float32 and view.flags.c_contiguous for view in views)
+    assert all(view.ctypes.data % 64 == 0 for view in views)
+    buffer = views[0].base
+    assert all(view.base is buffer for view in views)
+    starts = [view.ctypes.data for view in views]
+    assert all(a + v.nbytes <= b for a, v, b in zip(starts, views, starts[1:], strict=False))
 
 
 @pytest.fixture(scope="module")
