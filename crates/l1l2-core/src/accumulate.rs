@@ -314,7 +314,13 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let mut values = vec![0.0, f64::MIN_POSITIVE / 3.0, 1.0, 1.0 + f64::EPSILON, 3.0e300];
+        let mut values = vec![
+            0.0,
+            f64::MIN_POSITIVE / 3.0,
+            1.0,
+            1.0 + f64::EPSILON,
+            3.0e300,
+        ];
         for _ in 0..2000 {
             // Random significand, exponent within +-80 of 1: many pairs overlap, many do not.
             let bits = (next() >> 12) | ((1023 + next() % 161 - 80) << 52);
