@@ -175,8 +175,8 @@ pub fn linger() -> Duration {
     Duration::from_micros(micros)
 }
 
-/// Parallel calls started in this process: a lingering worker stops spinning when it changes.
-static CALLS_STARTED: AtomicUsize = AtomicUsize::new(0);
+/// Bumped to send every lingering worker back to sleep in the pool (see `spread`).
+static RELOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
 /// Reduces `0..len` with `leaf` over chunks, in parallel when that pays, always along the same
 /// tree. `element_size` (bytes) sizes the work for the parallel threshold.
@@ -523,9 +523,6 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     };
     let returned = AtomicUsize::new(0);
     let helped = AtomicUsize::new(0);
-    // Counted before the work starts: a worker still lingering after any earlier call (this
-    // thread's or another's) sees it and goes back to take this call's pieces.
-    let this_call = CALLS_STARTED.fetch_add(1, Ordering::AcqRel) + 1;
     pool.in_place_scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| {
@@ -563,25 +560,29 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     };
     if late >= 2 && late.is_power_of_two() {
         trace::relocated();
+        RELOCATIONS.fetch_add(1, Ordering::AcqRel);
         return;
     }
-    wake_workers(&pool, helpers, this_call, true);
+    // Workers still lingering from an earlier call took this call's pieces from inside their
+    // linger job and linger on; only the missing ones are handed a new one.
+    let missing = helpers.saturating_sub(LINGERING.load(Ordering::Acquire));
+    wake_workers(&pool, missing, true);
 }
 
-/// Hands each of `helpers` workers a job that keeps it awake until a call after `this_call`
-/// starts (at most `linger()`). `awake`: the workers are running now (they just finished a call's
-/// work), so they count as lingering from now on, not only once their job starts: a call that
-/// follows at once must find them counted, or it would run serially.
-fn wake_workers(pool: &ThreadPool, helpers: usize, this_call: usize, awake: bool) {
+/// Hands `helpers` workers a job that keeps them awake (see `stay_awake`). `awake`: the workers
+/// are running now (they just finished a call's work), so they count as lingering from now on,
+/// not only once their job starts: a call that follows at once must find them counted, or it
+/// would run serially.
+fn wake_workers(pool: &ThreadPool, helpers: usize, awake: bool) {
     let linger = linger();
-    if linger.is_zero() {
+    if linger.is_zero() || helpers == 0 {
         return;
     }
     if awake {
         LINGERING.fetch_add(helpers, Ordering::AcqRel);
     }
     for _ in 0..helpers {
-        pool.spawn(move || stay_awake(this_call, linger, awake));
+        pool.spawn(move || stay_awake(linger, awake));
     }
 }
 
@@ -621,24 +622,43 @@ fn wake_for_next_call() {
     if WAKING.swap(true, Ordering::AcqRel) {
         return;
     }
-    let this_call = CALLS_STARTED.load(Ordering::Acquire);
-    wake_workers(&pool, pool.current_num_threads(), this_call, false);
+    wake_workers(&pool, pool.current_num_threads(), false);
     if linger().is_zero() {
         WAKING.store(false, Ordering::Release);
     }
 }
 
-/// Waits (for at most `linger`) until a call after `this_call` starts, keeping a worker on its
-/// CPU; yields on every turn, so that any other runnable thread goes first. `counted`: the
-/// spawner counted it in `LINGERING` already.
-fn stay_awake(this_call: usize, linger: Duration, counted: bool) {
+/// Keeps a worker on its CPU until it has found no work for `linger`, running the pool's jobs
+/// (the pieces of the calls that come meanwhile) from inside this one: a worker that left the
+/// job at each new call and went back to the pool to find that call's pieces started them 0.9-1.3
+/// µs late, and had to be handed a new linger job after every call. Yields its CPU on every idle
+/// turn, so that any other runnable thread goes first. Leaves early when the caller sends the
+/// workers to sleep (`RELOCATIONS`). `counted`: the spawner counted it in `LINGERING` already.
+const IDLE_TURNS_PER_YIELD: u32 = 16;
+
+fn stay_awake(linger: Duration, counted: bool) {
+    thread_local! {
+        static LINGERING_HERE: Cell<bool> = const { Cell::new(false) };
+    }
     if !counted {
         LINGERING.fetch_add(1, Ordering::AcqRel);
         WAKING.store(false, Ordering::Release);
     }
-    let start = Instant::now();
-    while CALLS_STARTED.load(Ordering::Acquire) == this_call && start.elapsed() < linger {
-        std::thread::yield_now();
+    // A linger job found by one already lingering on this thread has nothing to add.
+    if !LINGERING_HERE.with(|here| here.replace(true)) {
+        let relocations = RELOCATIONS.load(Ordering::Acquire);
+        let mut idle_since = Instant::now();
+        let mut turn = 0u32;
+        while idle_since.elapsed() < linger && RELOCATIONS.load(Ordering::Acquire) == relocations
+        {
+            match rayon::yield_now() {
+                Some(rayon::Yield::Executed) => idle_since = Instant::now(),
+                _ if turn % IDLE_TURNS_PER_YIELD == 0 => std::thread::yield_now(),
+                _ => std::hint::spin_loop(),
+            }
+            turn = turn.wrapping_add(1);
+        }
+        LINGERING_HERE.with(|here| here.set(false));
     }
     LINGERING.fetch_sub(1, Ordering::AcqRel);
 }
