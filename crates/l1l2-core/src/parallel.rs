@@ -91,11 +91,12 @@ pub fn chunk_len(len: usize) -> usize {
 /// the work to a second thread does not win back what the hand-over costs.
 ///
 /// From `benches/threshold.py` (recorded in `benches/results/threshold/`), workers awake: two
-/// threads beat one by 1.10x from 512 KiB of work for the float32 penalty and `value_and_grad`,
-/// and from 0.74-1.48 MB for the other ops; at 512 KiB those took 1.01x (float32 `prox_`) and
-/// 1.06x (float64 penalty) the time of one thread. (float64 `value_and_grad` and `prox_` reach
-/// 512 KiB at 32 Ki elements: one chunk, which always runs on the calling thread.)
-pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
+/// threads beat one by 1.10x from 370 KB of work for the float32 penalty and `value_and_grad`,
+/// and from 0.52-1.05 MB for the other ops, which at 370 KB took 0.94-1.00x the time of one
+/// thread (float32 `prox_`, float64 penalty). 384 KiB: 96 Ki float32 elements of penalty. (float64
+/// `value_and_grad` and `prox_` reach it at 24 Ki elements: one chunk, which always runs on the
+/// calling thread.)
+pub const PARALLEL_MIN_BYTES: usize = 3 << 17;
 
 /// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
 /// worker takes 15-70 us to wake, and the caller cannot return before a worker it handed work to
@@ -364,7 +365,8 @@ thread_local! {
 /// in `work` then stopped early, and their results (and, for the in-place ops, what they had
 /// written so far) are incomplete.
 ///
-/// Inputs under 512 KiB are never interrupted (they take microseconds); larger ones are checked
+/// Calls that run on the calling thread (under `PARALLEL_MIN_BYTES`, or the workers asleep) are
+/// never interrupted (they take under a millisecond); parallel ones are checked
 /// between chunks of 32 Ki elements on the calling thread, and the workers stop taking chunks
 /// once it has said so. The check belongs to this thread: called from a worker of the caller's own
 /// rayon pool, it also covers any other l1l2 call that worker runs while it waits.
@@ -649,8 +651,7 @@ fn stay_awake(linger: Duration, counted: bool) {
         let relocations = RELOCATIONS.load(Ordering::Acquire);
         let mut idle_since = Instant::now();
         let mut turn = 0u32;
-        while idle_since.elapsed() < linger && RELOCATIONS.load(Ordering::Acquire) == relocations
-        {
+        while idle_since.elapsed() < linger && RELOCATIONS.load(Ordering::Acquire) == relocations {
             match rayon::yield_now() {
                 Some(rayon::Yield::Executed) => idle_since = Instant::now(),
                 _ if turn % IDLE_TURNS_PER_YIELD == 0 => std::thread::yield_now(),
