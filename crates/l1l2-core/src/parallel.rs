@@ -636,8 +636,6 @@ fn wake_for_next_call() {
 /// µs late, and had to be handed a new linger job after every call. Yields its CPU on every idle
 /// turn, so that any other runnable thread goes first. Leaves early when the caller sends the
 /// workers to sleep (`RELOCATIONS`). `counted`: the spawner counted it in `LINGERING` already.
-const IDLE_TURNS_PER_YIELD: u32 = 16;
-
 fn stay_awake(linger: Duration, counted: bool) {
     thread_local! {
         static LINGERING_HERE: Cell<bool> = const { Cell::new(false) };
@@ -650,14 +648,11 @@ fn stay_awake(linger: Duration, counted: bool) {
     if !LINGERING_HERE.with(|here| here.replace(true)) {
         let relocations = RELOCATIONS.load(Ordering::Acquire);
         let mut idle_since = Instant::now();
-        let mut turn = 0u32;
         while idle_since.elapsed() < linger && RELOCATIONS.load(Ordering::Acquire) == relocations {
             match rayon::yield_now() {
                 Some(rayon::Yield::Executed) => idle_since = Instant::now(),
-                _ if turn % IDLE_TURNS_PER_YIELD == 0 => std::thread::yield_now(),
-                _ => std::hint::spin_loop(),
+                _ => std::thread::yield_now(),
             }
-            turn = turn.wrapping_add(1);
         }
         LINGERING_HERE.with(|here| here.set(false));
     }
