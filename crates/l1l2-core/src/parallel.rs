@@ -92,11 +92,15 @@ pub fn chunk_len(len: usize) -> usize {
 ///
 /// From `benches/threshold.py` (recorded in `benches/results/threshold/`), workers awake: two
 /// threads beat one by 1.10x from 370 KB of work for the float32 penalty and `value_and_grad`,
-/// and from 0.52-1.05 MB for the other ops, which at 370 KB took 0.94-1.00x the time of one
-/// thread (float32 `prox_`, float64 penalty). 384 KiB: 96 Ki float32 elements of penalty. (float64
-/// `value_and_grad` and `prox_` reach it at 24 Ki elements: one chunk, which always runs on the
+/// and from 0.52-1.05 MB for the other ops (at 370 KB: 0.92-1.00x the time of one thread). That
+/// run keeps the workers awake on every call. In `benches/compare.py`'s pattern (10 ms pauses
+/// between samples of back-to-back calls) a 384 KiB threshold made the 1e5 float32 penalty
+/// parallel and slower: 16.0 µs with an IQR of 16%, against 12.0 µs (4%) on one thread, the
+/// wake-ups and relocations at each sample's start costing more than the second thread saves at
+/// that size. So the threshold stays at 512 KiB, where every op gains in both patterns. (float64
+/// `value_and_grad` and `prox_` reach it at 32 Ki elements: one chunk, which always runs on the
 /// calling thread.)
-pub const PARALLEL_MIN_BYTES: usize = 3 << 17;
+pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
 
 /// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
 /// worker takes 15-70 us to wake, and the caller cannot return before a worker it handed work to
