@@ -95,9 +95,9 @@ pub fn chunk_len(len: usize) -> usize {
 /// and from 0.52-1.05 MB for the other ops (at 370 KB: 0.92-1.00x the time of one thread). That
 /// run keeps the workers awake on every call. In `benches/compare.py`'s pattern (10 ms pauses
 /// between samples of back-to-back calls) a 384 KiB threshold made the 1e5 float32 penalty
-/// parallel and slower: 16.0 µs with an IQR of 16%, against 12.0 µs (4%) on one thread, the
-/// wake-ups and relocations at each sample's start costing more than the second thread saves at
-/// that size. So the threshold stays at 512 KiB, where every op gains in both patterns. (float64
+/// parallel and slower: 16.0 µs with an IQR of 16%, where on one thread it took 10.6-12.0 µs
+/// (IQR 3-4%) in the runs before and after, the wake-ups and relocations at each sample's start
+/// costing more than the second thread saves at that size. So the threshold stays at 512 KiB, where every op gains in both patterns. (float64
 /// `value_and_grad` and `prox_` reach it at 32 Ki elements: one chunk, which always runs on the
 /// calling thread.)
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
