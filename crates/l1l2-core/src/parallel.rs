@@ -97,7 +97,8 @@ pub fn chunk_len(len: usize) -> usize {
 /// between samples of back-to-back calls) a 384 KiB threshold made the 1e5 float32 penalty
 /// parallel and slower: 16.0 µs with an IQR of 16%, where on one thread it took 10.6-12.0 µs
 /// (IQR 3-4%) in the runs before and after, the wake-ups and relocations at each sample's start
-/// costing more than the second thread saves at that size. So the threshold stays at 512 KiB, where every op gains in both patterns. (float64
+/// costing more than the second thread saves at that size. So the threshold stays at 512 KiB,
+/// where the ops took 0.72-0.88x the time of one thread with the workers awake. (float64
 /// `value_and_grad` and `prox_` reach it at 32 Ki elements: one chunk, which always runs on the
 /// calling thread.)
 pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
