@@ -1,8 +1,8 @@
 //! Deterministic parallel reduction and the thread pool behind it.
 //!
 //! The input is cut into chunks of at most `CHUNK` elements whose boundaries depend on the length
-//! only (see [`chunk_len`]: a tensor of up to 8 full chunks is cut into about 8, so that two
-//! threads can split it evenly). Chunk partials are merged along a fixed binary tree (split at the
+//! only (see [`Chunking`]: a multiple of 8 chunks of nearly equal length, so that two, four or
+//! eight threads can split it evenly). Chunk partials are merged along a fixed binary tree (split at the
 //! middle chunk). For a parallel
 //! run the tree is cut at depth `SPLIT_DEPTH` into at most 128 subtrees, and those into one
 //! contiguous share per thread; each thread takes the pieces of its own share first (so a call
@@ -64,26 +64,77 @@ pub const CHUNK: usize = 1 << 15;
 /// or float64: a kernel call and a merge per chunk stay under 1% of its time).
 const MIN_CHUNK: usize = 1 << 13;
 
-/// A tensor of up to `FEW_CHUNKS` full chunks is cut into about `FEW_CHUNKS` smaller ones, so
-/// that two to four threads split it evenly: in 32 Ki chunks, 1e5 elements made 4 chunks (the
-/// last of 1696 elements), which two threads could only split 65/35.
+/// A tensor of more than `CHUNK` elements is cut into a multiple of `FEW_CHUNKS` chunks, so that
+/// two, four or eight threads split it evenly by whole chunks.
 const FEW_CHUNKS: usize = 8;
 
-/// Chunk lengths are a multiple of this: the kernel's block for narrow types (64 steps of 16
+/// Chunk boundaries are a multiple of this: the kernel's block for narrow types (64 steps of 16
 /// lanes), so that no chunk but the last ends in a partial block.
 const CHUNK_STEP: usize = 1 << 10;
 
-/// The elements per chunk of a tensor of `len` elements: a function of the length alone, so the
-/// chunk boundaries (and with them the bits) never depend on threads or timing. A tensor of at most
-/// `CHUNK` elements is one chunk (the small-call path); a larger one is cut into chunks of `len /
-/// FEW_CHUNKS`, rounded up to `CHUNK_STEP`, between `MIN_CHUNK` and `CHUNK`.
-pub fn chunk_len(len: usize) -> usize {
-    if len <= CHUNK {
-        return CHUNK;
+/// How a tensor of `len` elements is cut into chunks: a function of the length alone, so the
+/// chunk boundaries (and with them the bits) never depend on threads or timing.
+///
+/// A tensor of at most `CHUNK` elements is one chunk (the small-call path). A larger one is cut
+/// into `count` chunks, the fewest multiple of `FEW_CHUNKS` whose chunks hold at most `CHUNK`
+/// elements (fewer if they would hold under `MIN_CHUNK`); its blocks of `CHUNK_STEP` are dealt
+/// out so that the chunks differ by at most one block. (Chunks of one rounded length with a short
+/// last one, as before, left two threads 53,248 and 46,752 elements of a 1e5 tensor, 46% and 54%
+/// of 3e5, and the longer share set the call's time.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunking {
+    len: usize,
+    count: usize,
+    /// The blocks of `CHUNK_STEP` elements every chunk has, and how many chunks have one more.
+    blocks_each: usize,
+    extra: usize,
+}
+
+impl Chunking {
+    /// The chunks of a tensor of `len` elements.
+    pub fn of(len: usize) -> Self {
+        if len <= CHUNK {
+            return Self {
+                len,
+                count: 1,
+                blocks_each: 0,
+                extra: 0,
+            };
+        }
+        let blocks = len.div_ceil(CHUNK_STEP);
+        let count = len
+            .div_ceil(CHUNK)
+            .next_multiple_of(FEW_CHUNKS)
+            .min(blocks / (MIN_CHUNK / CHUNK_STEP))
+            .max(1);
+        Self {
+            len,
+            count,
+            blocks_each: blocks / count,
+            extra: blocks % count,
+        }
     }
-    len.div_ceil(FEW_CHUNKS)
-        .next_multiple_of(CHUNK_STEP)
-        .clamp(MIN_CHUNK, CHUNK)
+
+    /// The number of chunks (an empty tensor has one, empty).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The first element of chunk `index` (`len` for `index == count`): chunk `i` holds
+    /// `blocks_each` blocks, plus one for the `extra` chunks spread evenly among them.
+    fn start(&self, index: usize) -> usize {
+        if index >= self.count {
+            return self.len;
+        }
+        // `index * extra < count * count`: no overflow below 2^32 chunks (2^47 elements).
+        let blocks = index * self.blocks_each + index * self.extra / self.count;
+        (blocks * CHUNK_STEP).min(self.len)
+    }
+
+    /// The elements of the chunks `chunks`.
+    pub fn elements(&self, chunks: Range<usize>) -> Range<usize> {
+        self.start(chunks.start)..self.start(chunks.end)
+    }
 }
 
 /// Calls of fewer bytes of work (read plus written) run on the calling thread while the pool's
@@ -230,10 +281,10 @@ where
     };
     let tree = |tensor: usize| Tree::new(lens[tensor], move |range| leaf(tensor, range));
     // A single chunk cannot be shared: handing it out would only add the hand-over.
-    let one_chunk = lens.len() == 1 && chunk_count(lens[0]) == 1;
+    let one_chunk = lens.len() == 1 && Chunking::of(lens[0]).count() == 1;
     if !parallel || one_chunk {
         let partials = (0..lens.len())
-            .map(|tensor| tree(tensor).reduce(0..chunk_count(lens[tensor])))
+            .map(|tensor| tree(tensor).reduce(0..Chunking::of(lens[tensor]).count()))
             .collect();
         if !parallel && !one_chunk && bytes >= PARALLEL_MIN_BYTES {
             wake_if_calls_follow(); // serial only because the workers slept
@@ -242,7 +293,7 @@ where
     }
     let mut pieces = Vec::new();
     for (tensor, &len) in lens.iter().enumerate() {
-        walk(0..chunk_count(len), SPLIT_DEPTH, &mut |chunks| {
+        walk(0..Chunking::of(len).count(), SPLIT_DEPTH, &mut |chunks| {
             pieces.push(Piece { tensor, chunks });
         });
     }
@@ -253,10 +304,8 @@ where
     let mut start = 0;
     let mut elements = 0;
     for (index, piece) in pieces.iter().enumerate() {
-        let len = lens[piece.tensor];
-        let chunk = chunk_len(len);
-        let chunks_end = (piece.chunks.end * chunk).min(len);
-        elements += chunks_end.saturating_sub(piece.chunks.start * chunk).max(1);
+        let chunking = Chunking::of(lens[piece.tensor]);
+        elements += chunking.elements(piece.chunks.clone()).len().max(1);
         if elements >= MIN_CHUNK || index + 1 == pieces.len() {
             tasks.push(start..index + 1);
             task_elements.push(elements);
@@ -267,7 +316,11 @@ where
     let slots: Vec<OnceLock<P>> = pieces.iter().map(|_| OnceLock::new()).collect();
     let shares = OnceLock::new();
     spread(&|seat: Seat| {
-        let shares = shares.get_or_init(|| Shares::new(&task_elements, seat.seats));
+        let Some(shares) =
+            built_by_caller(&shares, seat, || Shares::new(&task_elements, seat.seats))
+        else {
+            return 0; // the caller takes every share
+        };
         shares.claim(seat.seat, |task| {
             let task = tasks[task].clone();
             for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
@@ -280,22 +333,50 @@ where
     let mut index = 0;
     (0..lens.len())
         .map(|tensor| {
-            merge_walk(0..chunk_count(lens[tensor]), SPLIT_DEPTH, &mut |chunks| {
-                let piece = &pieces[index];
-                debug_assert!(piece.tensor == tensor && piece.chunks == chunks);
-                let partial = *slots[index].get_or_init(|| tree(tensor).reduce(chunks));
-                index += 1;
-                partial
-            })
+            merge_walk(
+                0..Chunking::of(lens[tensor]).count(),
+                SPLIT_DEPTH,
+                &mut |chunks| {
+                    let piece = &pieces[index];
+                    debug_assert!(piece.tensor == tensor && piece.chunks == chunks);
+                    let partial = *slots[index].get_or_init(|| tree(tensor).reduce(chunks));
+                    index += 1;
+                    partial
+                },
+            )
         })
         .collect()
 }
 
-/// A thread's place in a parallel call: seat `seat` of `seats` (the caller is seat 0).
+/// A thread's place in a parallel call: seat `seat` of `seats`, and whether it is the calling
+/// thread (seat 0 in our pool; in a caller's own rayon pool, the seat of its worker index).
 #[derive(Clone, Copy)]
 struct Seat {
     seat: usize,
     seats: usize,
+    caller: bool,
+}
+
+/// What the caller builds for a call once it has handed the workers their jobs (so that their
+/// start does not wait for it), and the workers only read: `cell` set by the caller with `build`;
+/// a worker that arrives first spins for it (then yields its CPU) instead of blocking in the
+/// `OnceLock`, since a blocked worker waits for the OS to wake it (5-50 us on a VM). `None` for a
+/// worker that did not see it within `WAIT`: it leaves the call to the others.
+fn built_by_caller<T>(cell: &OnceLock<T>, seat: Seat, build: impl FnOnce() -> T) -> Option<&T> {
+    if seat.caller {
+        return Some(cell.get_or_init(build)); // the one thread that initialises: never blocks
+    }
+    let start = Instant::now();
+    loop {
+        if let Some(built) = cell.get() {
+            return Some(built);
+        }
+        match start.elapsed() {
+            waited if waited < SPIN => std::hint::spin_loop(),
+            waited if waited < WAIT => std::thread::yield_now(),
+            _ => return None,
+        }
+    }
 }
 
 /// The tasks of a parallel call cut into one contiguous share per seat, of about equal elements.
@@ -436,23 +517,16 @@ impl Interrupt {
     }
 }
 
-/// Chunks of a tensor of `len` elements (an empty tensor has one, empty).
-fn chunk_count(len: usize) -> usize {
-    len.div_ceil(chunk_len(len)).max(1)
-}
-
 /// The chunk tree of an input of `len` elements.
 struct Tree<F> {
-    len: usize,
-    chunk: usize,
+    chunking: Chunking,
     leaf: F,
 }
 
 impl<F> Tree<F> {
     fn new(len: usize, leaf: F) -> Self {
         Self {
-            len,
-            chunk: chunk_len(len),
+            chunking: Chunking::of(len),
             leaf,
         }
     }
@@ -464,8 +538,7 @@ impl<F> Tree<F> {
         F: Fn(Range<usize>) -> P,
     {
         merge_walk(chunks, u32::MAX, &mut |chunks| {
-            let start = chunks.start * self.chunk;
-            (self.leaf)(start..self.len.min(start + self.chunk))
+            (self.leaf)(self.chunking.elements(chunks))
         })
     }
 }
@@ -505,7 +578,14 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         let seats = rayon::current_num_threads();
         let work = &|worker: bool| {
             let seat = rayon::current_thread_index().unwrap_or(caller) % seats;
-            trace.span(worker, || work(Seat { seat, seats }))
+            let caller = !worker;
+            trace.span(worker, || {
+                work(Seat {
+                    seat,
+                    seats,
+                    caller,
+                })
+            })
         };
         rayon::in_place_scope(|scope| {
             for _ in 1..seats {
@@ -518,7 +598,11 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         return trace.finish();
     }
     let Some(pool) = pool() else {
-        work(Seat { seat: 0, seats: 1 });
+        work(Seat {
+            seat: 0,
+            seats: 1,
+            caller: true,
+        });
         return trace.finish();
     };
     let helpers = pool.current_num_threads();
@@ -526,7 +610,14 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     // The caller sits first; a worker of our pool behind it, by its index in the pool.
     let work = &|worker: bool| {
         let seat = rayon::current_thread_index().map_or(0, |index| index + 1) % seats;
-        trace.span(worker, || work(Seat { seat, seats }))
+        let caller = !worker;
+        trace.span(worker, || {
+            work(Seat {
+                seat,
+                seats,
+                caller,
+            })
+        })
     };
     let returned = AtomicUsize::new(0);
     let helped = AtomicUsize::new(0);
@@ -1009,19 +1100,56 @@ mod tests {
     }
 
     #[test]
-    fn mid_sized_tensors_are_cut_into_many_chunks() {
-        for len in [CHUNK + 1, 100_000, 300_000, FEW_CHUNKS * CHUNK - 1] {
-            let chunk = chunk_len(len);
-            assert_eq!(chunk % CHUNK_STEP, 0, "len {len}");
-            assert!((MIN_CHUNK..=CHUNK).contains(&chunk), "len {len}");
+    fn chunks_are_nearly_equal_and_aligned_to_blocks() {
+        for len in [
+            CHUNK + 1,
+            9 * MIN_CHUNK - 1,
+            73_727,
+            100_000,
+            300_000,
+            FEW_CHUNKS * CHUNK - 1,
+            FEW_CHUNKS * CHUNK,
+            1_000_000,
+            (1 << 30) + 5,
+        ] {
+            let chunking = Chunking::of(len);
+            let count = chunking.count();
+            let chunks: Vec<Range<usize>> =
+                (0..count).map(|i| chunking.elements(i..i + 1)).collect();
+            assert_eq!(chunks[0].start, 0, "len {len}");
+            assert_eq!(chunks[count - 1].end, len, "len {len}");
+            assert!(chunks.windows(2).all(|pair| pair[0].end == pair[1].start));
+            assert!(chunks[..count - 1]
+                .iter()
+                .all(|chunk| chunk.end % CHUNK_STEP == 0));
+            let lens: Vec<usize> = chunks.iter().map(ExactSizeIterator::len).collect();
+            let (shortest, longest) = (*lens.iter().min().unwrap(), *lens.iter().max().unwrap());
             assert!(
-                chunk_count(len) >= FEW_CHUNKS.min(len / MIN_CHUNK),
+                longest <= CHUNK && shortest >= MIN_CHUNK - CHUNK_STEP,
                 "len {len}"
             );
+            assert!(
+                longest - shortest <= CHUNK_STEP,
+                "len {len}: {shortest}..{longest}"
+            );
+            // A multiple of 8 chunks unless that would make them shorter than MIN_CHUNK.
+            assert!(
+                count % FEW_CHUNKS == 0 || count == len.div_ceil(CHUNK_STEP) / 8,
+                "len {len}"
+            );
+            // Two seats split the elements within one block of even.
+            let elements: Vec<usize> = lens.clone();
+            let shares = Shares::new(&elements, 2);
+            let first: usize = lens[..shares.bounds[1]].iter().sum();
+            assert!(
+                first.abs_diff(len - first) <= 2 * CHUNK_STEP,
+                "len {len}: {first}"
+            );
         }
-        assert_eq!(chunk_count(CHUNK), 1);
-        assert_eq!(chunk_len(FEW_CHUNKS * CHUNK), CHUNK);
-        assert_eq!(chunk_count(1 << 30), (1 << 30) / CHUNK);
+        assert_eq!(Chunking::of(CHUNK).count(), 1);
+        assert_eq!(Chunking::of(0).elements(0..1), 0..0);
+        assert_eq!(Chunking::of(FEW_CHUNKS * CHUNK).count(), FEW_CHUNKS);
+        assert_eq!(Chunking::of(1 << 30).count(), (1 << 30) / CHUNK);
     }
 
     #[test]
