@@ -176,12 +176,18 @@ def time_interleaved(
     """Median and quartiles of seconds per call of each candidate, over interleaved rounds;
     ``settle`` seconds of sleep after each sample let spinning thread runtimes go idle."""
     calls = {}
+    sample = budget / rounds
     for name, function in table.items():  # calibrate: each sample lasts >= ~budget / rounds
         function()
-        start = time.perf_counter()
-        function()
-        once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, min(10_000, int(budget / rounds / once)))
+        # Timed over a tenth of a sample, not one call: one slow call (a thread pool waking up,
+        # the first call of a run) made a candidate's samples 20-30x too short, so that each
+        # sample's first calls after the settle weighed 20-30x too much in its figure.
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < sample / 10:
+            function()
+            count += 1
+        once = max((time.perf_counter() - start) / count, 1e-7)
+        calls[name] = max(1, min(10_000, int(sample / once)))
     samples: dict[str, list[float]] = {name: [] for name in table}
     for _ in range(rounds):
         for name, function in table.items():
