@@ -142,17 +142,17 @@ impl Chunking {
 /// the work to a second thread does not win back what the hand-over costs.
 ///
 /// From `benches/threshold.py` (recorded in `benches/results/threshold/`), workers awake: two
-/// threads beat one by 1.10x from 370 KB of work for the float32 penalty and `value_and_grad`,
-/// and from 0.52-1.05 MB for the other ops (at 370 KB: 0.92-1.00x the time of one thread). That
-/// run keeps the workers awake on every call. In `benches/compare.py`'s pattern (10 ms pauses
-/// between samples of back-to-back calls) a 384 KiB threshold made the 1e5 float32 penalty
-/// parallel and slower: 16.0 µs with an IQR of 16%, where on one thread it took 10.6-12.0 µs
-/// (IQR 3-4%) in the runs before and after, the wake-ups and relocations at each sample's start
-/// costing more than the second thread saves at that size. So the threshold stays at 512 KiB,
-/// where the ops took 0.72-0.88x the time of one thread with the workers awake. (float64
-/// `value_and_grad` and `prox_` reach it at 32 Ki elements: one chunk, which always runs on the
-/// calling thread.)
-pub const PARALLEL_MIN_BYTES: usize = 1 << 19;
+/// threads beat one by 1.10x from 370,724 bytes of work (92,681 float32 elements) for the float32
+/// penalty and `value_and_grad` (0.85x the time of one thread), and took 0.95-0.96x the time of
+/// one thread at that size for `prox_` and the float64 penalty; one size step below (262 KB) the
+/// float32 penalty took 0.95x. An earlier 384 KiB trial looked slower in
+/// `benches/compare.py` (16 us for the 1e5 float32 penalty against 10.6-12 us on one thread), but
+/// that figure came from samples of ~100 calls (its sample length was calibrated from one slow
+/// call), dominated by each sample's first calls after a pause; with samples of the intended
+/// length the 1e5 float32 penalty took 10.1-10.2 us parallel against 11.2-11.5 us on one thread.
+/// (float64 `value_and_grad` and `prox_` reach it at 23 Ki elements: one chunk, which always runs
+/// on the calling thread.)
+pub const PARALLEL_MIN_BYTES: usize = 362 << 10;
 
 /// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
 /// worker takes 15-70 us to wake, and the caller cannot return before a worker it handed work to
