@@ -11,6 +11,8 @@
 //! argument `cpus` also reads, after each call (outside the timing, which adds some 20 us between
 //! calls), the CPU the caller and the worker last ran on (Linux `/proc`): whether a late worker
 //! had been put on the caller's CPU.
+//! `MIN_BYTES=n` in the environment makes every call of at least `n` bytes run in parallel,
+//! whether the workers are awake or not (`MIN_BYTES=1` traces sizes under the threshold).
 //! Prints, per dtype and size, quantiles over the calls (min, 25%, median, 75%, 90%, max) in us,
 //! and the load average at the start and end (the figures mean little on a loaded machine).
 
@@ -99,6 +101,7 @@ fn trace_size<T: Element>(
     }
     trace::take();
     trace::take_relocated();
+    trace::take_moved();
     let tasks = caller_and_worker_tasks().filter(|_| cpus);
     let mut same_cpu = Vec::new();
     trace::record(true);
@@ -134,6 +137,7 @@ fn trace_size<T: Element>(
     let mut caller_busy = Vec::new();
     let mut worker_busy = Vec::new();
     let mut caller_wait = Vec::new();
+    let mut scope_exit = Vec::new();
     let mut worker_share = Vec::new();
     let mut idle_worker = 0;
     let mut late_on_callers_cpu = [0, 0]; // [late, on time] calls whose worker shared the CPU
@@ -143,6 +147,7 @@ fn trace_size<T: Element>(
         };
         caller_busy.push(us(caller.end_ns - caller.start_ns));
         caller_wait.push(us(call.end_ns.saturating_sub(caller.end_ns)));
+        scope_exit.push(us(call.end_ns.saturating_sub(call.caller_waited_ns)));
         if let Some(worker) = worker {
             wake.push(us(worker.start_ns));
             worker_busy.push(us(worker.end_ns - worker.start_ns));
@@ -170,14 +175,21 @@ fn trace_size<T: Element>(
     );
     println!(
         "  {:34}{}",
+        "leaving the pool after the wait",
+        quantiles(scope_exit)
+    );
+    println!(
+        "  {:34}{}",
         "worker's share of pieces (%)",
         quantiles(worker_share)
     );
     println!(
         "  calls where the worker came too late to take a piece: {idle_worker} of {}; late \
-         workers were left to sleep in the pool instead of lingering {} times",
+         workers were left to sleep in the pool instead of lingering {} times; a worker moved off \
+         the caller's CPU {} times",
         traced.len(),
-        trace::take_relocated()
+        trace::take_relocated(),
+        trace::take_moved()
     );
     if !same_cpu.is_empty() {
         println!(
@@ -198,6 +210,9 @@ fn main() {
             .collect()
     });
     let cpus = args.next().is_some_and(|arg| arg == "cpus");
+    if let Some(bytes) = std::env::var("MIN_BYTES").ok().and_then(|v| v.parse().ok()) {
+        l1l2_core::parallel::set_min_bytes_for_measurement(bytes);
+    }
     println!(
         "threads {}, load average at start {}",
         l1l2_core::num_threads(),

@@ -47,6 +47,7 @@ mod ops;
 mod orthogonal;
 pub mod parallel;
 mod partial;
+mod placement;
 #[cfg(feature = "probe")]
 #[doc(hidden)]
 pub mod probe;

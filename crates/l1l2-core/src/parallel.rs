@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::accumulate::Partial;
+use crate::placement;
 
 /// Elements per chunk of a large tensor, and the most a chunk holds: the unit of work and of
 /// determinism. 32 Ki elements (64-256 KiB) keeps the per-chunk cost far above a rayon task's and
@@ -607,8 +608,14 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     };
     let helpers = pool.current_num_threads();
     let seats = helpers + 1;
+    // A worker that finds itself on the caller's CPU (it could only start once the caller let it)
+    // moves to another one for the next calls: see `placement`.
+    let caller_cpu = placement::current_cpu();
     // The caller sits first; a worker of our pool behind it, by its index in the pool.
     let work = &|worker: bool| {
+        if worker && placement::leave(caller_cpu) {
+            trace::moved();
+        }
         let seat = rayon::current_thread_index().map_or(0, |index| index + 1) % seats;
         let caller = !worker;
         trace.span(worker, || {
@@ -801,6 +808,17 @@ pub mod trace {
         RELOCATED.fetch_add(1, Ordering::Relaxed);
     }
 
+    static MOVED: AtomicUsize = AtomicUsize::new(0);
+
+    /// How often a worker moved off the caller's CPU, since the last call.
+    pub fn take_moved() -> usize {
+        MOVED.swap(0, Ordering::Relaxed)
+    }
+
+    pub(super) fn moved() {
+        MOVED.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Starts (or stops) recording every parallel call of this process.
     pub fn record(enabled: bool) {
         ENABLED.store(enabled, Ordering::Relaxed);
@@ -886,6 +904,7 @@ mod trace {
     }
 
     pub(super) fn relocated() {}
+    pub(super) fn moved() {}
 }
 
 /// 0 = not set: use the environment or the CPU count.
