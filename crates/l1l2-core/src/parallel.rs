@@ -253,10 +253,17 @@ where
     .unwrap_or_default()
 }
 
-/// One cut of a tensor's chunk tree: the unit handed to a thread.
-struct Piece {
+/// One cut of a tensor's chunk tree, and the slot its partial lands in.
+struct Piece<P> {
     tensor: usize,
     chunks: Range<usize>,
+    partial: OnceLock<P>,
+}
+
+/// A run of consecutive pieces, the unit handed to a thread.
+struct Task {
+    pieces: Range<usize>,
+    elements: usize,
 }
 
 /// Reduces every tensor `0..lens[t]` with `leaf(t, range)`, each along its own fixed tree (so each
@@ -292,42 +299,53 @@ where
         }
         return partials;
     }
-    let mut pieces = Vec::new();
+    // A tree of `n` chunks cut at SPLIT_DEPTH has min(n, 2^SPLIT_DEPTH) pieces. Few allocations:
+    // malloc and free took ~10% of the caller's time in a two-thread call of 33,000 float32.
+    let piece_count = lens
+        .iter()
+        .map(|&len| Chunking::of(len).count().min(1 << SPLIT_DEPTH))
+        .sum();
+    let mut pieces = Vec::with_capacity(piece_count);
     for (tensor, &len) in lens.iter().enumerate() {
         walk(0..Chunking::of(len).count(), SPLIT_DEPTH, &mut |chunks| {
-            pieces.push(Piece { tensor, chunks });
+            let partial = OnceLock::new();
+            pieces.push(Piece {
+                tensor,
+                chunks,
+                partial,
+            });
         });
     }
     // Tasks: runs of consecutive pieces of at least MIN_CHUNK elements each (a piece of a tensor
     // of several chunks is one already, but for its last chunk).
-    let mut tasks: Vec<Range<usize>> = Vec::new();
-    let mut task_elements = Vec::new();
+    let mut tasks = Vec::with_capacity(pieces.len());
     let mut start = 0;
     let mut elements = 0;
     for (index, piece) in pieces.iter().enumerate() {
         let chunking = Chunking::of(lens[piece.tensor]);
         elements += chunking.elements(piece.chunks.clone()).len().max(1);
         if elements >= MIN_CHUNK || index + 1 == pieces.len() {
-            tasks.push(start..index + 1);
-            task_elements.push(elements);
+            let pieces = start..index + 1;
+            tasks.push(Task { pieces, elements });
             start = index + 1;
             elements = 0;
         }
     }
-    let slots: Vec<OnceLock<P>> = pieces.iter().map(|_| OnceLock::new()).collect();
     let shares = OnceLock::new();
     spread(&|seat: Seat| {
+        let task_elements = tasks.iter().map(|task| task.elements);
         let Some(shares) =
-            built_by_caller(&shares, seat, || Shares::new(&task_elements, seat.seats))
+            built_by_caller(&shares, seat, || Shares::new(task_elements, seat.seats))
         else {
             return 0; // the caller takes every share
         };
         shares.claim(seat.seat, |task| {
-            let task = tasks[task].clone();
-            for (piece, slot) in pieces[task.clone()].iter().zip(&slots[task.clone()]) {
-                slot.get_or_init(|| tree(piece.tensor).reduce(piece.chunks.clone()));
+            let task = &tasks[task];
+            for piece in &pieces[task.pieces.clone()] {
+                let reduce = || tree(piece.tensor).reduce(piece.chunks.clone());
+                piece.partial.get_or_init(reduce);
             }
-            task.len()
+            task.pieces.len()
         })
     });
     // Every piece is done by now; `get_or_init` keeps this total even if one were not.
@@ -340,7 +358,7 @@ where
                 &mut |chunks| {
                     let piece = &pieces[index];
                     debug_assert!(piece.tensor == tensor && piece.chunks == chunks);
-                    let partial = *slots[index].get_or_init(|| tree(tensor).reduce(chunks));
+                    let partial = *piece.partial.get_or_init(|| tree(tensor).reduce(chunks));
                     index += 1;
                     partial
                 },
@@ -387,41 +405,61 @@ fn built_by_caller<T>(cell: &OnceLock<T>, seat: Seat, build: impl FnOnce() -> T)
 /// others. (With a shared counter, which handed each thread other tasks on every call, 1e6
 /// float32 calls took 1.0-2.3x as long: `benches/ab_builds.py`.)
 struct Shares {
-    /// Share `s` is the tasks `bounds[s]..bounds[s + 1]`.
-    bounds: Vec<usize>,
-    /// The next task of each share.
-    next: Vec<OwnLine<AtomicUsize>>,
+    /// One per seat, in task order.
+    shares: Vec<Share>,
+}
+
+/// One seat's share: the tasks from `next` (its next task) to `end`. Alone on its cache line
+/// (and the adjacent one, which x86 prefetches in pairs): each share's counter is taken from by
+/// its own thread, and counters sharing a line would bounce it between the cores on every task
+/// (measured: 2e5 float64 `value_and_grad` in 16 tasks, 1.19x).
+#[repr(align(128))]
+struct Share {
+    next: AtomicUsize,
+    end: usize,
 }
 
 impl Shares {
-    fn new(task_elements: &[usize], seats: usize) -> Self {
-        let total: usize = task_elements.iter().sum();
-        let mut bounds = vec![0];
-        let mut done = 0;
-        for (index, elements) in task_elements.iter().enumerate() {
+    /// Shares of `seats` seats over tasks of `task_elements` elements each.
+    fn new(task_elements: impl Iterator<Item = usize> + Clone, seats: usize) -> Self {
+        let total: usize = task_elements.clone().sum();
+        let mut shares: Vec<Share> = Vec::with_capacity(seats);
+        // Ends the last share before `task` and starts the next one there.
+        fn start_share(shares: &mut Vec<Share>, task: usize) {
+            if let Some(last) = shares.last_mut() {
+                last.end = task;
+            }
+            let next = AtomicUsize::new(task);
+            shares.push(Share { next, end: task });
+        }
+        start_share(&mut shares, 0);
+        let (mut done, mut tasks) = (0, 0);
+        for elements in task_elements {
             // A share ends before the task whose middle passes its end (in elements).
-            while bounds.len() < seats && (2 * done + elements) * seats > 2 * total * bounds.len() {
-                bounds.push(index);
+            while shares.len() < seats && (2 * done + elements) * seats > 2 * total * shares.len() {
+                start_share(&mut shares, tasks);
             }
             done += elements;
+            tasks += 1;
         }
-        bounds.resize(seats + 1, task_elements.len());
-        let next = bounds[..seats]
-            .iter()
-            .map(|&start| OwnLine(AtomicUsize::new(start)))
-            .collect();
-        Self { bounds, next }
+        while shares.len() < seats {
+            start_share(&mut shares, tasks);
+        }
+        if let Some(last) = shares.last_mut() {
+            last.end = tasks;
+        }
+        Self { shares }
     }
 
     /// Runs `run` on every task the thread at `seat` claims, its own share first; returns the sum
     /// of what `run` returned.
     fn claim(&self, seat: usize, mut run: impl FnMut(usize) -> usize) -> usize {
-        let seats = self.next.len();
+        let seats = self.shares.len();
         let mut taken = 0;
-        for share in (0..seats).map(|offset| (seat + offset) % seats) {
+        for share in (0..seats).map(|offset| &self.shares[(seat + offset) % seats]) {
             loop {
-                let task = self.next[share].0.fetch_add(1, Ordering::Relaxed);
-                if task >= self.bounds[share + 1] {
+                let task = share.next.fetch_add(1, Ordering::Relaxed);
+                if task >= share.end {
                     break;
                 }
                 taken += run(task);
@@ -429,13 +467,19 @@ impl Shares {
         }
         taken
     }
-}
 
-/// A value alone on its cache line (and the adjacent one, which x86 prefetches in pairs): each
-/// share's counter is taken from by its own thread, and counters sharing a line would bounce it
-/// between the cores on every task (measured: 2e5 float64 `value_and_grad` in 16 tasks, 1.19x).
-#[repr(align(128))]
-struct OwnLine<T>(T);
+    /// Where each share starts, and where the last one ends.
+    #[cfg(test)]
+    fn bounds(&self) -> Vec<usize> {
+        let mut bounds: Vec<usize> = self
+            .shares
+            .iter()
+            .map(|share| share.next.load(Ordering::Relaxed))
+            .collect();
+        bounds.extend(self.shares.last().map(|share| share.end));
+        bounds
+    }
+}
 
 /// How long a call may run between two looks at its caller's interrupt check.
 const INTERRUPT_PERIOD: Duration = Duration::from_millis(50);
@@ -1158,8 +1202,8 @@ mod tests {
             );
             // Two seats split the elements within one block of even.
             let elements: Vec<usize> = lens.clone();
-            let shares = Shares::new(&elements, 2);
-            let first: usize = lens[..shares.bounds[1]].iter().sum();
+            let shares = Shares::new(elements.iter().copied(), 2);
+            let first: usize = lens[..shares.bounds()[1]].iter().sum();
             assert!(
                 first.abs_diff(len - first) <= 2 * CHUNK_STEP,
                 "len {len}: {first}"
@@ -1174,14 +1218,15 @@ mod tests {
     #[test]
     fn shares_split_by_elements_and_every_task_is_taken_once() {
         // Seven equal tasks and a small one (114 elements) between two seats: 64 and 50.
-        let shares = Shares::new(&[16, 16, 16, 16, 16, 16, 16, 2], 2);
-        assert_eq!(shares.bounds, [0, 4, 8]);
+        let shares = Shares::new([16, 16, 16, 16, 16, 16, 16, 2].into_iter(), 2);
+        assert_eq!(shares.bounds(), [0, 4, 8]);
         let tasks = [100, 1, 1, 1, 1, 1, 1, 1, 1, 50, 50];
         for seats in 1..=5 {
-            let shares = Shares::new(&tasks, seats);
-            assert_eq!(shares.bounds.len(), seats + 1);
-            assert!(shares.bounds.windows(2).all(|pair| pair[0] <= pair[1]));
-            assert_eq!(shares.bounds[seats], tasks.len());
+            let shares = Shares::new(tasks.iter().copied(), seats);
+            let bounds = shares.bounds();
+            assert_eq!(bounds.len(), seats + 1);
+            assert!(bounds.windows(2).all(|pair| pair[0] <= pair[1]));
+            assert_eq!(bounds[seats], tasks.len());
             // Seats claiming concurrently, each from its own share first.
             let taken: Vec<AtomicUsize> = tasks.iter().map(|_| AtomicUsize::new(0)).collect();
             std::thread::scope(|scope| {
@@ -1195,7 +1240,7 @@ mod tests {
             assert!(taken.iter().all(|count| count.load(Ordering::Relaxed) == 1));
         }
         // A seat alone (its partners late) takes every share, its own first.
-        let shares = Shares::new(&[1, 1, 1, 1], 2);
+        let shares = Shares::new([1, 1, 1, 1].into_iter(), 2);
         let mut order = Vec::new();
         shares.claim(1, |task| {
             order.push(task);
