@@ -80,7 +80,7 @@ const CHUNK_STEP: usize = 1 << 10;
 /// into `count` chunks, the fewest multiple of `FEW_CHUNKS` whose chunks hold at most `CHUNK`
 /// elements (fewer if they would hold under `MIN_CHUNK`); its blocks of `CHUNK_STEP` are dealt
 /// out so that the chunks differ by at most one block. (Chunks of one rounded length with a short
-/// last one, as before, left two threads 53,248 and 46,752 elements of a 1e5 tensor, 46% and 54%
+/// last one, as before, left two threads 53,248 and 46,752 elements of a 1e5 tensor, 55% and 45%
 /// of 3e5, and the longer share set the call's time.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunking {
@@ -376,6 +376,17 @@ struct Seat {
     caller: bool,
 }
 
+impl Seat {
+    fn new(seat: usize, seats: usize, worker: bool) -> Self {
+        let caller = !worker;
+        Self {
+            seat,
+            seats,
+            caller,
+        }
+    }
+}
+
 /// What the caller builds for a call once it has handed the workers their jobs (so that their
 /// start does not wait for it), and the workers only read: `cell` set by the caller with `build`;
 /// a worker that arrives first spins for it (then yields its CPU) instead of blocking in the
@@ -613,6 +624,11 @@ fn merge_walk<P: Partial>(
     left.merge(merge_walk(middle..chunks.end, depth - 1, visit))
 }
 
+/// Runs `work` in `seat`, traced as the caller's share or a worker's.
+fn take_seat(trace: &trace::Call, work: &impl Fn(Seat) -> usize, seat: Seat) -> usize {
+    trace.span(!seat.caller, || work(seat))
+}
+
 /// Runs `work` on the calling thread and on every worker of the pool (the caller's rayon pool, or
 /// ours), returning when all have returned. The one place that touches a thread pool. `work`
 /// returns how many pieces it took: a call where the workers took none tells that they came late.
@@ -623,14 +639,7 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         let seats = rayon::current_num_threads();
         let work = &|worker: bool| {
             let seat = rayon::current_thread_index().unwrap_or(caller) % seats;
-            let caller = !worker;
-            trace.span(worker, || {
-                work(Seat {
-                    seat,
-                    seats,
-                    caller,
-                })
-            })
+            take_seat(&trace, work, Seat::new(seat, seats, worker))
         };
         rayon::in_place_scope(|scope| {
             for _ in 1..seats {
@@ -643,11 +652,7 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         return trace.finish();
     }
     let Some(pool) = pool() else {
-        work(Seat {
-            seat: 0,
-            seats: 1,
-            caller: true,
-        });
+        work(Seat::new(0, 1, false));
         return trace.finish();
     };
     let helpers = pool.current_num_threads();
@@ -661,14 +666,7 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
             trace::moved();
         }
         let seat = rayon::current_thread_index().map_or(0, |index| index + 1) % seats;
-        let caller = !worker;
-        trace.span(worker, || {
-            work(Seat {
-                seat,
-                seats,
-                caller,
-            })
-        })
+        take_seat(&trace, work, Seat::new(seat, seats, worker))
     };
     let returned = AtomicUsize::new(0);
     let helped = AtomicUsize::new(0);
