@@ -1214,6 +1214,33 @@ mod tests {
     }
 
     #[test]
+    fn workers_wait_for_what_the_caller_builds_and_give_up_without_it() {
+        let built = OnceLock::new();
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                let start = Instant::now();
+                let seen = built_by_caller(&built, Seat::new(1, 2, true), || 0).copied();
+                (seen, start.elapsed())
+            });
+            assert_eq!(
+                *built_by_caller(&built, Seat::new(0, 2, false), || 7).unwrap(),
+                7
+            );
+            // The worker reads the caller's value (it never builds its own), unless this thread
+            // was kept from building it for longer than WAIT (a loaded machine).
+            match worker.join().unwrap() {
+                (Some(seen), _) => assert_eq!(seen, 7),
+                (None, waited) => assert!(waited >= WAIT),
+            }
+        });
+        // Nothing built: a worker leaves after WAIT rather than waiting for ever.
+        let never: OnceLock<u8> = OnceLock::new();
+        let start = Instant::now();
+        assert!(built_by_caller(&never, Seat::new(1, 2, true), || 1).is_none());
+        assert!(start.elapsed() >= WAIT && never.get().is_none());
+    }
+
+    #[test]
     fn shares_split_by_elements_and_every_task_is_taken_once() {
         // Seven equal tasks and a small one (114 elements) between two seats: 64 and 50.
         let shares = Shares::new([16, 16, 16, 16, 16, 16, 16, 2].into_iter(), 2);
