@@ -32,7 +32,8 @@
 //! of two calls in a row (woken onto the caller's CPU, it waits there while the caller does all the
 //! work, and keeps that place while it stays awake) does not linger after that call but sleeps in
 //! the pool, so that the next call's wake-up lets the OS place it on an idle CPU; again after 4,
-//! 8, 16, .. such calls.
+//! 8, 16, .. such calls. Where the OS wakes it on the caller's CPU all the same (CPUs that share
+//! no cache), a worker that starts a call there moves itself to another CPU (see `placement`).
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
