@@ -211,8 +211,11 @@ HANDLER_PROBE = textwrap.dedent(
     def handler(signum, frame):
         seen.append(float(l1l2_rs.penalty(np.ones(10**6), 1.0, 0.0)))  # a large call of its own
     signal.signal(signal.SIGUSR1, handler)
-    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
-    total = l1l2_rs.penalty_many([np.ones(10_000_000, np.float32)] * 300, 1.0, 0.0)
+    threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+    # ~1.3 s of work on a 2-vCPU VM (300 arrays took 0.20-0.23 s there, as long as the 0.2 s the
+    # signal used to wait), so the signal comes well inside the call; 1024 * 10**7 is exact in
+    # float32.
+    total = l1l2_rs.penalty_many([np.ones(10_000_000, np.float32)] * 1024, 1.0, 0.0)
     print(total, seen)
     """
 )
@@ -220,7 +223,7 @@ HANDLER_PROBE = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
 def test_a_signal_handler_may_call_l1l2_rs_during_a_long_call() -> None:
-    assert run_python(HANDLER_PROBE).split() == ["3000000000.0", "[1000000.0]"]
+    assert run_python(HANDLER_PROBE).split() == ["10240000000.0", "[1000000.0]"]
 
 
 POOL_FAILS = textwrap.dedent(
