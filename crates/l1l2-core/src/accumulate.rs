@@ -29,6 +29,13 @@ impl Compensated {
     /// this for every lane every few steps, as many operations as the steps themselves.
     #[inline(always)]
     pub fn add(&mut self, term: f64) {
+        self.add_carrying(term, |error, lo| lo + error);
+    }
+
+    /// [`Compensated::add`] with the error added into `lo` by `carry(error, lo)`, which must round
+    /// as `lo + error` does (the kernels pass a fused multiply-add by one).
+    #[inline(always)]
+    pub(crate) fn add_carrying(&mut self, term: f64, carry: impl Fn(f64, f64) -> f64) {
         debug_assert!(!(term < 0.0 || self.hi < 0.0), "a negative term or total");
         // Written as comparisons, not `f64::max`, so that they compile to one max and one min
         // instruction each (their NaN handling does not matter: a NaN makes `hi` NaN either way).
@@ -39,7 +46,7 @@ impl Compensated {
         };
         let sum = big + small;
         self.hi = sum;
-        self.lo += small - (sum - big);
+        self.lo = carry(small - (sum - big), self.lo);
     }
 
     #[inline(always)]
