@@ -154,10 +154,10 @@ impl Chunking {
 /// length the 1e5 float32 penalty took 10.1-10.2 us parallel against 11.2-11.5 us on one thread.
 /// (float64 `value_and_grad` and `prox_` reach it at 23 Ki elements: one chunk, which always runs
 /// on the calling thread.) Those figures are from an Intel Xeon; on an AMD EPYC Zen 4
-/// (`threshold_zen4.md`) two threads beat one by 1.12-1.35x at every op's smallest measured size,
-/// 46,340 elements (185 KB of work for the float32 penalty), and by 1.39-1.61x at 92,681: this
+/// (`threshold_zen4.md`) two threads beat one by 1.14-1.35x at every op's smallest measured size,
+/// 46,340 elements (185 KB of work for the float32 penalty), and by 1.39-1.64x at 92,681: this
 /// threshold leaves some of that gain for the float32 penalty from 46 to 92 Ki elements, where
-/// the Xeon's second thread did not pay (0.95-1.04x).
+/// the Xeon's two threads took 0.95-1.04x the time of one.
 pub const PARALLEL_MIN_BYTES: usize = 362 << 10;
 
 /// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
