@@ -526,11 +526,11 @@ fn l1_sign<const NAN: bool>(l1: f64, x: f64) -> f64 {
     const SIGN: u64 = 1 << 63;
     // ±0 tested on the bits: a float compare of a widened f32 would be folded into a compare of
     // the f32, and the mixed widths make LLVM vectorise the whole loop 4 lanes wide.
-    let signed = l1.to_bits() ^ (x.to_bits() & SIGN);
+    let flipped = l1.to_bits() ^ (x.to_bits() & SIGN);
     let signed = if x.to_bits() << 1 == 0 {
-        f64::from_bits(signed & SIGN) // ±0: the zero of `l1 * ±0`, whose sign `signed` has
+        f64::from_bits(flipped & SIGN) // ±0: the zero of `l1 * ±0`, whose sign `flipped` has
     } else {
-        f64::from_bits(signed)
+        f64::from_bits(flipped)
     };
     if NAN && x.is_nan() {
         x

@@ -413,7 +413,7 @@ fn prefetch_ahead<T>(step: &[T]) {
 /// `acc + x`, as a fused multiply-add by `one` (1.0, hidden from the optimiser) where FMA is an
 /// instruction: the same single rounding, so the same bits on every ISA, but on the multiply
 /// pipes rather than the add pipes. The float64 kernel has about twice as many additions as
-/// multiplies; moving the upper levels of its tree and the fold's error term there took a third
+/// multiplies; moving the upper levels of its tree and the fold's error term there took a quarter
 /// off a one-thread call from cache on Zen 4 (5e4 elements: 8.1 -> 6.0 µs). Adding the tree's
 /// top level plainly instead doubled the time: LLVM then vectorised the tree across lanes.
 #[inline(always)]
