@@ -220,6 +220,14 @@ const WAIT: Duration = Duration::from_micros(200);
 /// its own 2-thread ops between calls lost 3-4% (benches/ab_builds.py; see the README).
 const DEFAULT_LINGER_US: u64 = 500;
 
+/// How long a lingering worker spins between two yields of its CPU. A yield is a system call of
+/// 0.6 us on a 2-vCPU KVM guest (Zen 4) even when no other thread wants the CPU, so a worker that
+/// yielded on every idle turn was inside one when most calls came: in the engine trace (float32
+/// 1e5 back to back, two runs each way, alternated) its start went from 0.75-0.8 to 0.5 us after
+/// the call entered the pool, the call from 7.3-7.4 to 7.0-7.1 us. Another thread that wants the
+/// CPU waits at most this long for it, beyond what the OS's own preemption gives it.
+const YIELD_EVERY: Duration = Duration::from_micros(2);
+
 /// The linger: `L1L2_LINGER_US` microseconds (at most 100 ms; 0 turns it off), else 500 us; read
 /// once per process and cached in an atomic, as the thread count is.
 pub fn linger() -> Duration {
@@ -783,9 +791,10 @@ fn wake_for_next_call() {
 /// Keeps a worker on its CPU until it has found no work for `linger`, running the pool's jobs
 /// (the pieces of the calls that come meanwhile) from inside this one: a worker that left the
 /// job at each new call and went back to the pool to find that call's pieces started them 0.9-1.3
-/// µs late, and had to be handed a new linger job after every call. Yields its CPU on every idle
-/// turn, so that any other runnable thread goes first. Leaves early when the caller sends the
-/// workers to sleep (`RELOCATIONS`). `counted`: the spawner counted it in `LINGERING` already.
+/// µs late, and had to be handed a new linger job after every call. While idle it yields its CPU
+/// every `YIELD_EVERY`, so that any other runnable thread goes first. Leaves early when the caller
+/// sends the workers to sleep (`RELOCATIONS`). `counted`: the spawner counted it in `LINGERING`
+/// already.
 fn stay_awake(linger: Duration, counted: bool) {
     thread_local! {
         static LINGERING_HERE: Cell<bool> = const { Cell::new(false) };
@@ -798,10 +807,15 @@ fn stay_awake(linger: Duration, counted: bool) {
     if !LINGERING_HERE.with(|here| here.replace(true)) {
         let relocations = RELOCATIONS.load(Ordering::Acquire);
         let mut idle_since = Instant::now();
+        let mut yielded = idle_since;
         while idle_since.elapsed() < linger && RELOCATIONS.load(Ordering::Acquire) == relocations {
             match rayon::yield_now() {
                 Some(rayon::Yield::Executed) => idle_since = Instant::now(),
-                _ => std::thread::yield_now(),
+                _ if yielded.elapsed() < YIELD_EVERY => std::hint::spin_loop(),
+                _ => {
+                    std::thread::yield_now();
+                    yielded = Instant::now();
+                }
             }
         }
         LINGERING_HERE.with(|here| here.set(false));
