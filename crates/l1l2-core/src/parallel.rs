@@ -14,26 +14,28 @@
 //!
 //! A call runs in parallel when its work pays for the hand-over, which depends on whether the
 //! workers are awake: from [`PARALLEL_MIN_BYTES`] while they linger after a recent call, from
-//! [`PARALLEL_MIN_BYTES_ASLEEP`] while they sleep (the caller cannot return before a worker
-//! it handed work to has run, so a short call would pay the whole wake-up). A run of mid-sized
-//! calls that find the workers asleep wakes them from its second call on (see
-//! `wake_if_calls_follow`).
+//! [`PARALLEL_MIN_BYTES_ASLEEP`] while they sleep (the call wakes them, which costs the caller a
+//! system call, and they come 15-70 us later). A run of mid-sized calls that find the workers
+//! asleep wakes them from its second call on (see `wake_if_calls_follow`).
 //!
-//! The calling thread works too (a pool of `n - 1` workers serves `n` threads), so a call never
-//! waits for a sleeping worker to wake up before starting: late workers simply find fewer pieces
-//! left. When its pieces are done, the caller waits for the workers without sleeping (a short
-//! spin, then yielding its CPU), which spares it a wake-up of its own (on virtual machines, ~10 us).
+//! The calling thread works too (a pool of `n - 1` workers serves `n` threads), and it hands work
+//! only to workers that offer help: lingering, on a CPU of their own. It claims each such offer
+//! (the worker then keeps its CPU until it has run the job) at the start and between its own
+//! tasks, so workers woken by the call join it as they come, and a call never waits for a worker
+//! that is not running: one whose CPU another program's threads hold (a framework's OpenMP team
+//! spinning after its own work) or that the OS put on the caller's CPU. When its pieces are done,
+//! the caller waits for the workers it recruited without sleeping (a short spin, then yielding
+//! its CPU), which spares it a wake-up of its own (on virtual machines, ~10 us).
 //! After a call each worker stays awake for up to [`linger`] (500 us unless `L1L2_LINGER_US` says
 //! otherwise; 0 turns it off) until the next call starts: a call that follows within that time
-//! finds its workers running on their own CPUs instead of paying their wake-up (15-70 us measured
-//! on a 2-vCPU VM) or finding them woken onto the caller's CPU. A lingering worker yields its CPU
-//! on every turn, so other runnable threads (a framework's own) get it first; longer idle spells
-//! cost no CPU: the workers then sleep in the pool. A worker that came too late to take any piece
-//! of two calls in a row (woken onto the caller's CPU, it waits there while the caller does all the
-//! work, and keeps that place while it stays awake) does not linger after that call but sleeps in
-//! the pool, so that the next call's wake-up lets the OS place it on an idle CPU; again after 4,
-//! 8, 16, .. such calls. Where the OS wakes it on the caller's CPU all the same (CPUs that share
-//! no cache), a worker that starts a call there moves itself to another CPU (see `placement`).
+//! finds its workers running on their own CPUs instead of paying their wake-up. A lingering
+//! worker yields its CPU every 2 us, so other runnable threads (a framework's own) get it first;
+//! longer idle spells cost no CPU: the workers then sleep in the pool. A worker recruited but too
+//! late to take any piece of two calls in a row (preempted on the caller's CPU, it waits there
+//! while the caller does all the work) does not linger after that call but sleeps in the pool,
+//! so that the next call's wake-up lets the OS place it on an idle CPU; again after 4, 8, 16, ..
+//! such calls. A worker woken or recruited on the caller's CPU moves itself to another one (see
+//! `placement`).
 //!
 //! The pool is ours, not rayon's global one: built lazily on the first large input, sized by
 //! `set_num_threads`, else `L1L2_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the CPU count.
@@ -161,13 +163,14 @@ impl Chunking {
 pub const PARALLEL_MIN_BYTES: usize = 362 << 10;
 
 /// Calls of fewer bytes of work run on the calling thread while the workers sleep: a sleeping
-/// worker takes 15-70 us to wake, and the caller cannot return before a worker it handed work to
-/// has run (a rayon scope), so a call that one thread finishes sooner pays the whole wake-up.
+/// worker takes 15-70 us to wake, and waking it costs the caller a system call, so a call that
+/// one thread finishes sooner pays for a wake-up that brings it nothing.
 ///
-/// From `benches/threshold.py --asleep` (each call 2 ms after the last, the linger long over):
-/// two threads beat one by 1.10x from 2.1 MB of work for the penalty, 3.0 MB for
-/// `value_and_grad` and 4.2 MB for `prox_`, in float32 and float64 alike; at 65,536 elements they
-/// took 2.1-3.8x the time of one.
+/// From `benches/threshold.py --asleep` (each call 2 ms after the last, the linger long over), on
+/// the Intel Xeon VM and before calls recruited only running workers (a call then also waited for
+/// the worker it had woken): two threads beat one by 1.10x from 2.1 MB of work for the penalty,
+/// 3.0 MB for `value_and_grad` and 4.2 MB for `prox_`, in float32 and float64 alike; at 65,536
+/// elements they took 2.1-3.8x the time of one.
 pub const PARALLEL_MIN_BYTES_ASLEEP: usize = 3 << 20;
 
 /// Whether a call of `bytes` of work runs in parallel: from `PARALLEL_MIN_BYTES` with the workers
@@ -227,6 +230,15 @@ const DEFAULT_LINGER_US: u64 = 500;
 /// the call entered the pool, the call from 7.3-7.4 to 7.0-7.1 us. Another thread that wants the
 /// CPU waits at most this long for it, beyond what the OS's own preemption gives it.
 const YIELD_EVERY: Duration = Duration::from_micros(2);
+
+/// How long a worker spins, offering help, after a call's job before its first yield: calls
+/// that come one after another (a loop over tensors, 1-5 us apart from Python) then find it
+/// offering, not inside a yield, which would leave it out of the call until the caller's next
+/// task. Builds alternated (`benches/ab_builds.py`, 3 processes each, 1e5 and 1e6, float32 and
+/// float64, back to back and 300 us apart) took 0.76-1.04x the time of the previous engine, which
+/// handed every call's jobs to all workers; with a 2 us spin here the 1e5 calls back to back took
+/// 1.10-1.40x.
+const SPIN_AFTER_JOB: Duration = Duration::from_micros(20);
 
 /// The linger: `L1L2_LINGER_US` microseconds (at most 100 ms; 0 turns it off), else 500 us; read
 /// once per process and cached in an atomic, as the thread count is.
@@ -358,6 +370,7 @@ where
                 let reduce = || tree(piece.tensor).reduce(piece.chunks.clone());
                 piece.partial.get_or_init(reduce);
             }
+            seat.between_tasks();
             task.pieces.len()
         })
     });
@@ -382,20 +395,35 @@ where
 
 /// A thread's place in a parallel call: seat `seat` of `seats`, and whether it is the calling
 /// thread (seat 0 in our pool; in a caller's own rayon pool, the seat of its worker index).
+/// `recruit`, the caller's in our pool: hands work to the workers that have come to offer help
+/// since the call started (see `spread`), run between the caller's tasks.
 #[derive(Clone, Copy)]
-struct Seat {
+struct Seat<'a> {
     seat: usize,
     seats: usize,
     caller: bool,
+    recruit: Option<&'a dyn Fn()>,
 }
 
-impl Seat {
+impl<'a> Seat<'a> {
     fn new(seat: usize, seats: usize, worker: bool) -> Self {
         let caller = !worker;
         Self {
             seat,
             seats,
             caller,
+            recruit: None,
+        }
+    }
+
+    fn recruiting(self, recruit: Option<&'a dyn Fn()>) -> Self {
+        Self { recruit, ..self }
+    }
+
+    /// Called by the seat's thread after each of its tasks.
+    fn between_tasks(&self) {
+        if let Some(recruit) = self.recruit {
+            recruit();
         }
     }
 }
@@ -405,7 +433,11 @@ impl Seat {
 /// a worker that arrives first spins for it (then yields its CPU) instead of blocking in the
 /// `OnceLock`, since a blocked worker waits for the OS to wake it (5-50 us on a VM). `None` for a
 /// worker that did not see it within `WAIT`: it leaves the call to the others.
-fn built_by_caller<T>(cell: &OnceLock<T>, seat: Seat, build: impl FnOnce() -> T) -> Option<&T> {
+fn built_by_caller<'c, T>(
+    cell: &'c OnceLock<T>,
+    seat: Seat<'_>,
+    build: impl FnOnce() -> T,
+) -> Option<&'c T> {
     if seat.caller {
         return Some(cell.get_or_init(build)); // the one thread that initialises: never blocks
     }
@@ -638,14 +670,23 @@ fn merge_walk<P: Partial>(
 }
 
 /// Runs `work` in `seat`, traced as the caller's share or a worker's.
-fn take_seat(trace: &trace::Call, work: &impl Fn(Seat) -> usize, seat: Seat) -> usize {
+fn take_seat(trace: &trace::Call, work: &impl Fn(Seat<'_>) -> usize, seat: Seat<'_>) -> usize {
     trace.span(!seat.caller, || work(seat))
 }
 
-/// Runs `work` on the calling thread and on every worker of the pool (the caller's rayon pool, or
-/// ours), returning when all have returned. The one place that touches a thread pool. `work`
-/// returns how many pieces it took: a call where the workers took none tells that they came late.
-fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
+/// Runs `work` on the calling thread and on the workers that can help now (the caller's rayon
+/// pool, or ours), returning when all have returned. The one place that touches a thread pool.
+/// `work` returns how many pieces it took: a call where the workers took none tells that they
+/// came late.
+///
+/// In our pool the caller hands work only to workers that offer help (see `Offer`): running on a
+/// CPU of their own, lingering after a call. It claims each offer, so that the worker keeps its CPU
+/// until it has run the call's job, and hands out one job per claim, at the start and between its
+/// own tasks (workers woken by this call come while it runs). A job handed to a worker that was
+/// not on a CPU made the caller wait for the OS to run it: after torch's two-thread matrix
+/// products (whose OpenMP workers spin on the other CPU for a while), float32 penalties of 1e5 to
+/// 4e6 elements took 3.3-3.6 ms instead of 13-400 us.
+fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
     let trace = trace::Call::start();
     if let Some(caller) = rayon::current_thread_index() {
         // Inside a caller's pool: use it. Waiting there steals work, it never sleeps.
@@ -668,34 +709,45 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         work(Seat::new(0, 1, false));
         return trace.finish();
     };
-    let helpers = pool.current_num_threads();
+    let helpers = pool.workers();
     let seats = helpers + 1;
     // A worker that finds itself on the caller's CPU (it could only start once the caller let it)
     // moves to another one for the next calls: see `placement`.
     let caller_cpu = placement::current_cpu();
     // The caller sits first; a worker of our pool behind it, by its index in the pool.
-    let work = &|worker: bool| {
+    let work = &|worker: bool, recruit: Option<&dyn Fn()>| {
         if worker && placement::leave(caller_cpu) {
             trace::moved();
         }
         let seat = rayon::current_thread_index().map_or(0, |index| index + 1) % seats;
-        take_seat(&trace, work, Seat::new(seat, seats, worker))
+        let seat = Seat::new(seat, seats, worker).recruiting(recruit);
+        take_seat(&trace, work, seat)
     };
-    let returned = AtomicUsize::new(0);
-    let helped = AtomicUsize::new(0);
-    pool.in_place_scope(|scope| {
-        for _ in 0..helpers {
-            scope.spawn(|_| {
-                helped.fetch_add(work(true), Ordering::Relaxed);
-                returned.fetch_add(1, Ordering::Release);
-            });
-        }
-        work(false);
+    // Workers that do not linger now are woken to: they offer help once they run, and a long call
+    // recruits them as they come.
+    let missing = helpers.saturating_sub(LINGERING.load(Ordering::Acquire));
+    wake_workers(&pool, missing, linger().max(WAIT), caller_cpu);
+    let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+    let (returned, helped, spawned) = (AtomicUsize::new(0), AtomicUsize::new(0), Cell::new(0));
+    pool.threads.in_place_scope(|scope| {
+        let (returned, helped, pool) = (&returned, &helped, &*pool);
+        let recruit = || {
+            for _ in 0..pool.claim(call) {
+                spawned.set(spawned.get() + 1);
+                scope.spawn(move |_| {
+                    pool.start_job();
+                    helped.fetch_add(work(true, None), Ordering::Relaxed);
+                    returned.fetch_add(1, Ordering::Release);
+                });
+            }
+        };
+        recruit();
+        work(false, Some(&recruit));
         // Blocking would cost a wake-up of its own (about 10 us on a VM). But a worker the OS
         // woke onto this CPU runs only when this thread lets it: spinning the whole time stalled
         // such calls for the full 200 us, so the wait yields after a short spin.
         let start = Instant::now();
-        while returned.load(Ordering::Acquire) < helpers {
+        while returned.load(Ordering::Acquire) < spawned.get() {
             match start.elapsed() {
                 waited if waited < SPIN => std::hint::spin_loop(),
                 waited if waited < WAIT => std::thread::yield_now(),
@@ -704,14 +756,19 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
         }
         trace.caller_waited();
     });
+    pool.release(call);
     trace.finish();
-    // A call whose workers all came too late was most likely done by the caller alone while its
-    // worker waited on the caller's own CPU (the OS put it there when waking it, and it stays
-    // there while it keeps lingering). After two such calls in a row the workers do not linger:
-    // they sleep in the pool, and the next call's wake-up lets the OS place them on an idle CPU
-    // (a worker that slept on a timer instead was woken on the caller's CPU again: stuck in 3 of
-    // 6 trace runs of 1000 calls, against 0 of 6). Again after 4, 8, 16, .. late calls, so that a
-    // machine whose other CPUs are all busy pays that wake-up rarely.
+    // A call whose recruited workers all came too late was most likely done by the caller alone
+    // while its worker waited on the caller's own CPU (the OS put it there when waking it, and it
+    // stays there while it keeps lingering). After two such calls in a row the workers do not
+    // linger: they sleep in the pool, and the next call's wake-up lets the OS place them on an
+    // idle CPU (a worker that slept on a timer instead was woken on the caller's CPU again: stuck
+    // in 3 of 6 trace runs of 1000 calls, against 0 of 6). Again after 4, 8, 16, .. late calls,
+    // so that a machine whose other CPUs are all busy pays that wake-up rarely. A call that
+    // recruited nobody tells nothing.
+    if spawned.get() == 0 {
+        return;
+    }
     let late = if helped.load(Ordering::Relaxed) == 0 {
         LATE_CALLS.fetch_add(1, Ordering::Relaxed) + 1
     } else {
@@ -721,28 +778,115 @@ fn spread(work: &(impl Fn(Seat) -> usize + Sync)) {
     if late >= 2 && late.is_power_of_two() {
         trace::relocated();
         RELOCATIONS.fetch_add(1, Ordering::AcqRel);
-        return;
     }
-    // Workers still lingering from an earlier call took this call's pieces from inside their
-    // linger job and linger on; only the missing ones are handed a new one.
-    let missing = helpers.saturating_sub(LINGERING.load(Ordering::Acquire));
-    wake_workers(&pool, missing, true);
 }
 
-/// Hands `helpers` workers a job that keeps them awake (see `stay_awake`). `awake`: the workers
-/// are running now (they just finished a call's work), so they count as lingering from now on,
-/// not only once their job starts: a call that follows at once must find them counted, or it
-/// would run serially.
-fn wake_workers(pool: &ThreadPool, helpers: usize, awake: bool) {
-    let linger = linger();
+/// Our thread pool: its rayon workers and, for each, its `Offer`.
+struct Pool {
+    threads: ThreadPool,
+    offers: Box<[Offer]>,
+}
+
+impl Pool {
+    fn workers(&self) -> usize {
+        self.threads.current_num_threads()
+    }
+
+    /// The offer of the calling thread, if it is one of this pool's workers.
+    fn own_offer(&self) -> Option<&Offer> {
+        self.offers.get(self.threads.current_thread_index()?)
+    }
+
+    /// Claims every worker that offers help for `call`; returns how many it claimed.
+    fn claim(&self, call: u64) -> usize {
+        self.offers.iter().filter(|offer| offer.claim(call)).count()
+    }
+
+    /// Gives back the claims of `call` that no job of a call used.
+    fn release(&self, call: u64) {
+        for offer in &self.offers {
+            let _ = offer
+                .0
+                .compare_exchange(call, OFFERED, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the calling worker as running a call's job: a claim on it is used.
+    fn start_job(&self) {
+        if let Some(offer) = self.own_offer() {
+            offer.0.store(BUSY, Ordering::Release);
+        }
+    }
+}
+
+/// Whether a worker of our pool can take a call's work at once: `IDLE` (asleep in the pool, or
+/// yielding its CPU), `OFFERED` (lingering and on a CPU: looking for jobs without yielding it
+/// for up to `YIELD_EVERY`), `BUSY` (running a call's job), or the id of the call that claimed it
+/// (from `FIRST_CALL`): it then keeps its CPU until it has run a job or that call has released
+/// it. Only the worker moves its offer between `IDLE`, `OFFERED` and `BUSY`; a call moves it from
+/// `OFFERED` to its id and back. A worker preempted by the OS while it offers help can still be
+/// claimed, and then delays that call: rare, as a lingering worker yields its CPU every 2 us.
+/// Alone on its cache-line pair: the caller reads it between its tasks.
+#[derive(Default)]
+#[repr(align(128))]
+struct Offer(AtomicU64);
+
+const IDLE: u64 = 0;
+const OFFERED: u64 = 1;
+const BUSY: u64 = 2;
+const FIRST_CALL: u64 = 3;
+
+/// The id of the next call that looks for help in our pool.
+static NEXT_CALL: AtomicU64 = AtomicU64::new(FIRST_CALL);
+
+impl Offer {
+    fn claim(&self, call: u64) -> bool {
+        // A plain look first: a caller checks between every task, mostly to find nothing.
+        self.0.load(Ordering::Relaxed) == OFFERED
+            && (self.0)
+                .compare_exchange(OFFERED, call, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    fn claimed(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= FIRST_CALL
+    }
+
+    /// Offers help again after a yield or a job; a claim made meanwhile stays.
+    fn reopen(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                matches!(state, IDLE | BUSY).then_some(OFFERED)
+            });
+    }
+
+    /// Withdraws the offer; `false` when a call claimed it first.
+    fn withdraw(&self) -> bool {
+        (self.0)
+            .compare_exchange(OFFERED, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Hands `helpers` workers a job that keeps them awake for `linger` (see `stay_awake`), away from
+/// the caller's CPU `caller_cpu`. They count as lingering from now on, not only once their job
+/// starts: a call that follows at once must not wake them again.
+fn wake_workers(pool: &Arc<Pool>, helpers: usize, linger: Duration, caller_cpu: Option<usize>) {
     if linger.is_zero() || helpers == 0 {
         return;
     }
-    if awake {
-        LINGERING.fetch_add(helpers, Ordering::AcqRel);
-    }
+    LINGERING.fetch_add(helpers, Ordering::AcqRel);
     for _ in 0..helpers {
-        pool.spawn(move || stay_awake(linger, awake));
+        let own = Arc::clone(pool);
+        pool.threads.spawn(move || {
+            // Woken onto the caller's CPU, it would only run when the caller yields, and offer
+            // its help to nobody.
+            if placement::leave(caller_cpu) {
+                trace::moved();
+            }
+            stay_awake(&own, linger);
+        });
     }
 }
 
@@ -782,41 +926,58 @@ fn wake_for_next_call() {
     if WAKING.swap(true, Ordering::AcqRel) {
         return;
     }
-    wake_workers(&pool, pool.current_num_threads(), false);
-    if linger().is_zero() {
-        WAKING.store(false, Ordering::Release);
-    }
+    wake_workers(&pool, pool.workers(), linger(), placement::current_cpu());
+    WAKING.store(false, Ordering::Release);
 }
 
 /// Keeps a worker on its CPU until it has found no work for `linger`, running the pool's jobs
 /// (the pieces of the calls that come meanwhile) from inside this one: a worker that left the
 /// job at each new call and went back to the pool to find that call's pieces started them 0.9-1.3
-/// µs late, and had to be handed a new linger job after every call. While idle it yields its CPU
-/// every `YIELD_EVERY`, so that any other runnable thread goes first. Leaves early when the caller
-/// sends the workers to sleep (`RELOCATIONS`). `counted`: the spawner counted it in `LINGERING`
-/// already.
-fn stay_awake(linger: Duration, counted: bool) {
+/// µs late, and had to be handed a new linger job after every call. While idle it offers help
+/// (see `Offer`) and yields its CPU every `YIELD_EVERY`, withdrawing the offer first, so that any
+/// other runnable thread goes first; a claimed offer keeps it spinning until it has run a call's
+/// job or that call has ended. Leaves early when the caller sends the workers to sleep
+/// (`RELOCATIONS`). The spawner counted it in `LINGERING`.
+fn stay_awake(pool: &Pool, linger: Duration) {
     thread_local! {
         static LINGERING_HERE: Cell<bool> = const { Cell::new(false) };
     }
-    if !counted {
-        LINGERING.fetch_add(1, Ordering::AcqRel);
-        WAKING.store(false, Ordering::Release);
-    }
     // A linger job found by one already lingering on this thread has nothing to add.
     if !LINGERING_HERE.with(|here| here.replace(true)) {
+        // A worker of another pool (never the case) offers nobody anything.
+        let elsewhere = Offer::default();
+        let offer = pool.own_offer().unwrap_or(&elsewhere);
         let relocations = RELOCATIONS.load(Ordering::Acquire);
         let mut idle_since = Instant::now();
-        let mut yielded = idle_since;
-        while idle_since.elapsed() < linger && RELOCATIONS.load(Ordering::Acquire) == relocations {
-            match rayon::yield_now() {
-                Some(rayon::Yield::Executed) => idle_since = Instant::now(),
-                _ if yielded.elapsed() < YIELD_EVERY => std::hint::spin_loop(),
-                _ => {
-                    std::thread::yield_now();
-                    yielded = Instant::now();
-                }
+        let mut next_yield = idle_since + YIELD_EVERY;
+        offer.reopen();
+        loop {
+            if let Some(rayon::Yield::Executed) = rayon::yield_now() {
+                offer.reopen();
+                idle_since = Instant::now();
+                next_yield = idle_since + SPIN_AFTER_JOB;
+                continue;
             }
+            if offer.claimed() {
+                std::hint::spin_loop();
+                continue;
+            }
+            let done = idle_since.elapsed() >= linger
+                || RELOCATIONS.load(Ordering::Acquire) != relocations;
+            if !done && Instant::now() < next_yield {
+                std::hint::spin_loop();
+                continue;
+            }
+            // A call may have claimed the offer since the look above: then serve it first.
+            if !offer.withdraw() {
+                continue;
+            }
+            if done {
+                break;
+            }
+            std::thread::yield_now();
+            offer.reopen();
+            next_yield = Instant::now() + YIELD_EVERY;
         }
         LINGERING_HERE.with(|here| here.set(false));
     }
@@ -972,7 +1133,7 @@ mod trace {
 static REQUESTED_THREADS: AtomicUsize = AtomicUsize::new(0);
 /// The process that built the pool in `POOL` (0 = none yet).
 static POOL_PID: AtomicU32 = AtomicU32::new(0);
-static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
+static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
 
 /// Sets the number of threads large inputs are reduced with, at most [`max_threads`] (larger
 /// requests are capped); `0` restores the default (see the module docs). Takes effect on the next
@@ -1056,7 +1217,7 @@ pub fn init_globals() {
 /// The pool for this process: `num_threads() - 1` workers, the caller being the last thread.
 /// `None` means run serially (one thread wanted, the pool could not be built, or a fork left the
 /// lock held).
-fn pool() -> Option<Arc<ThreadPool>> {
+fn pool() -> Option<Arc<Pool>> {
     let workers = num_threads() - 1;
     if workers == 0 {
         return None;
@@ -1075,10 +1236,7 @@ fn pool() -> Option<Arc<ThreadPool>> {
         WAKING.store(false, Ordering::Release);
         POOL_PID.store(pid, Ordering::Release);
     }
-    if let Some(pool) = slot
-        .as_ref()
-        .filter(|pool| pool.current_num_threads() == workers)
-    {
+    if let Some(pool) = slot.as_ref().filter(|pool| pool.workers() == workers) {
         return Some(Arc::clone(pool));
     }
     if FAILED_WORKERS.load(Ordering::Relaxed) == workers {
@@ -1089,7 +1247,10 @@ fn pool() -> Option<Arc<ThreadPool>> {
         .thread_name(|i| format!("l1l2-{i}"))
         .build();
     let pool = match built {
-        Ok(pool) => Arc::new(pool),
+        Ok(threads) => {
+            let offers = (0..workers).map(|_| Offer::default()).collect();
+            Arc::new(Pool { threads, offers })
+        }
         Err(error) => {
             FAILED_WORKERS.store(workers, Ordering::Relaxed);
             let message = format!(
@@ -1136,7 +1297,7 @@ pub fn take_pool_error() -> Option<String> {
     }
 }
 
-fn lock_pool(pid: u32) -> Option<MutexGuard<'static, Option<Arc<ThreadPool>>>> {
+fn lock_pool(pid: u32) -> Option<MutexGuard<'static, Option<Arc<Pool>>>> {
     match POOL.try_lock() {
         Ok(guard) => Some(guard),
         Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
@@ -1153,6 +1314,7 @@ fn lock_pool(pid: u32) -> Option<MutexGuard<'static, Option<Arc<ThreadPool>>>> {
 mod tests {
     use super::*;
     use crate::accumulate::ExactPartial;
+    use std::sync::mpsc;
 
     fn count_leaf(range: Range<usize>) -> ExactPartial {
         ExactPartial {
@@ -1339,6 +1501,63 @@ mod tests {
         assert!(
             burnt < 20_000_000,
             "the idle worker ran {burnt} ns in 50 ms"
+        );
+        set_num_threads(0);
+    }
+
+    #[test]
+    fn an_offer_is_claimed_once_and_kept_until_used_or_released() {
+        let offer = Offer::default();
+        assert!(!offer.claim(FIRST_CALL), "an idle worker cannot be claimed");
+        offer.reopen();
+        assert!(offer.claim(FIRST_CALL));
+        assert!(!offer.claim(FIRST_CALL + 1), "claimed twice");
+        assert!(offer.claimed());
+        assert!(!offer.withdraw(), "a claimed worker yielded its CPU");
+        offer.reopen();
+        assert!(offer.claimed(), "reopening dropped a claim");
+        // Released by its own call only.
+        let pool_of = |offer: Offer| Pool {
+            threads: ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .expect("a pool"),
+            offers: vec![offer].into_boxed_slice(),
+        };
+        let pool = pool_of(offer);
+        pool.release(FIRST_CALL + 1);
+        assert!(pool.offers[0].claimed());
+        pool.release(FIRST_CALL);
+        assert!(!pool.offers[0].claimed());
+        assert!(pool.offers[0].withdraw());
+        assert_eq!(pool.claim(FIRST_CALL + 2), 0);
+    }
+
+    #[test]
+    fn a_call_does_not_wait_for_a_worker_busy_elsewhere() {
+        set_num_threads(2);
+        let pool = pool().expect("a pool of one worker");
+        let (started, held) = (mpsc::channel(), mpsc::channel::<()>());
+        let (started_tx, held_rx) = (started.0, held.1);
+        let (done_tx, done_rx) = mpsc::channel();
+        let own = Arc::clone(&pool);
+        pool.threads.spawn(move || {
+            own.start_job();
+            started_tx.send(()).expect("the test waits for this");
+            // Held until the call below has returned; a call that waited for this worker would
+            // only return once this gives up.
+            done_tx
+                .send(held_rx.recv_timeout(Duration::from_secs(20)).is_ok())
+                .ok();
+        });
+        started.1.recv().expect("the worker started");
+        let len = 64 * CHUNK; // 16 MiB of work: parallel even with the workers asleep
+        assert_eq!(reduce(len, 8, &count_leaf).abs, len as u128);
+        held.0.send(()).expect("the worker waits");
+        assert_eq!(
+            done_rx.recv(),
+            Ok(true),
+            "the call waited for the held worker"
         );
         set_num_threads(0);
     }
