@@ -11,6 +11,8 @@
 //! argument `cpus` also reads, after each call (outside the timing, which adds some 20 us between
 //! calls), the CPU the caller and the worker last ran on (Linux `/proc`): whether a late worker
 //! had been put on the caller's CPU.
+//! `GAP_SPIN=1` in the environment spends the gap spinning, as a Python loop's own work between
+//! calls would, instead of sleeping (the caller's CPU then stays busy).
 //! `MIN_BYTES=n` in the environment makes every call of at least `n` bytes run in parallel,
 //! whether the workers are awake or not (`MIN_BYTES=1` traces sizes under the threshold).
 //! Prints, per dtype and size, quantiles over the calls (min, 25%, median, 75%, 90%, max) in us,
@@ -108,7 +110,12 @@ fn trace_size<T: Element>(
     let mut totals = Vec::new();
     for _ in 0..calls {
         if !gap.is_zero() {
-            std::thread::sleep(gap);
+            if std::env::var_os("GAP_SPIN").is_some() {
+                let end = Instant::now() + gap;
+                while Instant::now() < end {}
+            } else {
+                std::thread::sleep(gap);
+            }
         }
         let start = Instant::now();
         std::hint::black_box(l1l2_core::sums(std::hint::black_box(&data)));
