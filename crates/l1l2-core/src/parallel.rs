@@ -236,8 +236,8 @@ const YIELD_EVERY: Duration = Duration::from_micros(2);
 /// offering, not inside a yield, which would leave it out of the call until the caller's next
 /// task. Builds alternated (`benches/ab_builds.py`, 3 processes each, 1e5 and 1e6, float32 and
 /// float64, back to back and 300 us apart) took 0.76-1.04x the time of the previous engine, which
-/// handed every call's jobs to all workers; with a 2 us spin here the 1e5 calls back to back took
-/// 1.10-1.40x.
+/// handed every call's jobs to all workers; with a 2 us spin here (another run, the VM slower)
+/// the 1e5 calls back to back took 1.01-1.40x.
 const SPIN_AFTER_JOB: Duration = Duration::from_micros(20);
 
 /// The linger: `L1L2_LINGER_US` microseconds (at most 100 ms; 0 turns it off), else 500 us; read
