@@ -170,7 +170,14 @@ pub const PARALLEL_MIN_BYTES: usize = 362 << 10;
 /// the Intel Xeon VM and before calls recruited only running workers (a call then also waited for
 /// the worker it had woken): two threads beat one by 1.10x from 2.1 MB of work for the penalty,
 /// 3.0 MB for `value_and_grad` and 4.2 MB for `prox_`, in float32 and float64 alike; at 65,536
-/// elements they took 2.1-3.8x the time of one.
+/// elements they took 2.1-3.8x the time of one. On the Zen 4 VM with this engine
+/// (`threshold_asleep_zen4.md`, one run), two threads against one took 1.34-2.00x the time under
+/// 1 MB of work, 0.86-2.04x from 1 to 3 MB, 0.75-1.37x from 3 to 6 MB and 0.53-1.19x above
+/// (float64 `prox_` the worst); the previous engine, which handed the sleeping worker a job at
+/// once and then waited for it, in the same minutes: 1.56-4.41x, 0.89-2.26x, 0.68-1.07x and
+/// 0.58-0.90x. Kept at 3 MiB, where the ops split both ways; from 3 MB up this engine's woken
+/// worker joins a call only once the caller recruits it between its tasks, which those figures
+/// suggest costs it some calls.
 pub const PARALLEL_MIN_BYTES_ASLEEP: usize = 3 << 20;
 
 /// Whether a call of `bytes` of work runs in parallel: from `PARALLEL_MIN_BYTES` with the workers
