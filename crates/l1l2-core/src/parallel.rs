@@ -731,7 +731,8 @@ fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
         take_seat(&trace, work, seat)
     };
     // Workers that do not linger now are woken to: they offer help once they run, and a long call
-    // recruits them as they come.
+    // recruits them as they come. For at least `WAIT`, so that with the linger off
+    // (`L1L2_LINGER_US=0`) a worker woken for this call still stays for it.
     let missing = helpers.saturating_sub(LINGERING.load(Ordering::Acquire));
     wake_workers(&pool, missing, linger().max(WAIT), caller_cpu);
     let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
