@@ -199,8 +199,6 @@ fn workers_awake() -> bool {
 
 /// Workers of our pool lingering after a call, or about to (see `wake_workers`).
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
-/// Whether workers were woken after a serial call and have not started lingering yet.
-static WAKING: AtomicBool = AtomicBool::new(false);
 
 #[cfg(feature = "probe")]
 static MEASURED_MIN_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -807,7 +805,12 @@ impl Pool {
 
     /// Claims every worker that offers help for `call`; returns how many it claimed.
     fn claim(&self, call: u64) -> usize {
-        self.offers.iter().filter(|offer| offer.claim(call)).count()
+        // Every offer is tried (no short-circuit): each claim is a side effect.
+        let mut claimed = 0;
+        for offer in &self.offers {
+            claimed += usize::from(offer.claim(call));
+        }
+        claimed
     }
 
     /// Gives back the claims of `call` that no job of a call used.
@@ -922,20 +925,17 @@ fn wake_if_calls_follow() {
 static LAST_ASLEEP_CALL: AtomicU64 = AtomicU64::new(0);
 
 /// Wakes the workers of our pool (if it exists and none is awake or being woken) to linger until
-/// the next parallel call.
+/// the next parallel call. `wake_workers` counts them at once, so a call that follows does not
+/// wake them again (two threads that come at the same instant may both wake them: the second
+/// linger job a worker finds returns at once).
 fn wake_for_next_call() {
     if rayon::current_thread_index().is_some() || LINGERING.load(Ordering::Relaxed) > 0 {
         return;
     }
-    // The pool first: in a forked child, looking it up also clears the parent's `WAKING`.
-    let Some(pool) = pool() else {
-        return;
-    };
-    if WAKING.swap(true, Ordering::AcqRel) {
-        return;
+    // The pool first: in a forked child, looking it up also clears the parent's counts.
+    if let Some(pool) = pool() {
+        wake_workers(&pool, pool.workers(), linger(), placement::current_cpu());
     }
-    wake_workers(&pool, pool.workers(), linger(), placement::current_cpu());
-    WAKING.store(false, Ordering::Release);
 }
 
 /// Keeps a worker on its CPU until it has found no work for `linger`, running the pool's jobs
@@ -1241,7 +1241,6 @@ fn pool() -> Option<Arc<Pool>> {
         // Counts of the parent's workers, which do not exist here.
         LATE_CALLS.store(0, Ordering::Release);
         LINGERING.store(0, Ordering::Release);
-        WAKING.store(false, Ordering::Release);
         POOL_PID.store(pid, Ordering::Release);
     }
     if let Some(pool) = slot.as_ref().filter(|pool| pool.workers() == workers) {
