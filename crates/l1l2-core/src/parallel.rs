@@ -263,8 +263,22 @@ pub fn linger() -> Duration {
     Duration::from_micros(micros)
 }
 
-/// Bumped to send every lingering worker back to sleep in the pool (see `spread`).
-static RELOCATIONS: AtomicUsize = AtomicUsize::new(0);
+/// Bumped to send every lingering worker back to sleep in the pool (see `spread`). Idle workers
+/// read it on every turn of their wait, so it sits alone on its cache-line pair: beside the pool's
+/// lock and the call counters, every call's writes to those took the line from the workers, and
+/// their next read took it back.
+static RELOCATIONS: Alone<AtomicUsize> = Alone(AtomicUsize::new(0));
+
+/// A value alone on its cache-line pair (x86 fetches lines in pairs).
+#[repr(align(128))]
+struct Alone<T>(T);
+
+impl<T> std::ops::Deref for Alone<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
 
 /// Reduces `0..len` with `leaf` over chunks, in parallel when that pays, always along the same
 /// tree. `element_size` (bytes) sizes the work for the parallel threshold.
@@ -738,6 +752,11 @@ fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
     pool.threads.in_place_scope(|scope| {
         let (returned, helped, pool) = (&returned, &helped, &*pool);
         let recruit = || {
+            // With every worker recruited there is no one left to look for: the look would read
+            // each worker's offer line, which it wrote when its job started.
+            if spawned.get() == helpers {
+                return;
+            }
             for _ in 0..pool.claim(call) {
                 spawned.set(spawned.get() + 1);
                 scope.spawn(move |_| {
@@ -778,7 +797,10 @@ fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
     let late = if helped.load(Ordering::Relaxed) == 0 {
         LATE_CALLS.fetch_add(1, Ordering::Relaxed) + 1
     } else {
-        LATE_CALLS.store(0, Ordering::Relaxed);
+        // Written only when it changes: a store takes the line from every other core.
+        if LATE_CALLS.load(Ordering::Relaxed) != 0 {
+            LATE_CALLS.store(0, Ordering::Relaxed);
+        }
         0
     };
     if late >= 2 && late.is_power_of_two() {
@@ -816,9 +838,12 @@ impl Pool {
     /// Gives back the claims of `call` that no job of a call used.
     fn release(&self, call: u64) {
         for offer in &self.offers {
-            let _ = offer
-                .0
-                .compare_exchange(call, OFFERED, Ordering::AcqRel, Ordering::Relaxed);
+            // A plain look first: mostly every claim was used, and the exchange would take the
+            // line from a worker that is reading it.
+            let state = &offer.0;
+            if state.load(Ordering::Relaxed) == call {
+                let _ = state.compare_exchange(call, OFFERED, Ordering::AcqRel, Ordering::Relaxed);
+            }
         }
     }
 
