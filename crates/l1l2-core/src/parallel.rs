@@ -745,6 +745,7 @@ fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
     // Workers that do not linger now are woken to: they offer help once they run, and a long call
     // recruits them as they come. For at least `WAIT`, so that with the linger off
     // (`L1L2_LINGER_US=0`) a worker woken for this call still stays for it.
+    let _under_way = UnderWay::start();
     let missing = helpers.saturating_sub(LINGERING.load(Ordering::Acquire));
     wake_workers(&pool, missing, linger().max(WAIT), caller_cpu);
     let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
@@ -963,14 +964,38 @@ fn wake_for_next_call() {
     }
 }
 
+/// Parallel calls of our pool under way. A lingering worker does not leave while there is one: a
+/// call looks for offers only at its start and between its tasks, and finds none while the
+/// worker yields its CPU, so a worker could otherwise reach the end of its linger unrecruited in
+/// the middle of a long call. Seen: 1e8 float64 penalties 10 ms apart, whose tasks take ~330 us
+/// each, ran on the caller alone in 1 call of 3 (42 ms instead of 21-27 ms).
+static CALLS_UNDER_WAY: Alone<AtomicUsize> = Alone(AtomicUsize::new(0));
+
+/// Counts a call in `CALLS_UNDER_WAY` while it lives (also if the call unwinds).
+struct UnderWay;
+
+impl UnderWay {
+    fn start() -> Self {
+        CALLS_UNDER_WAY.fetch_add(1, Ordering::AcqRel);
+        Self
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        CALLS_UNDER_WAY.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Keeps a worker on its CPU until it has found no work for `linger`, running the pool's jobs
 /// (the pieces of the calls that come meanwhile) from inside this one: a worker that left the
 /// job at each new call and went back to the pool to find that call's pieces started them 0.9-1.3
 /// µs late, and had to be handed a new linger job after every call. While idle it offers help
 /// (see `Offer`) and yields its CPU every `YIELD_EVERY`, withdrawing the offer first, so that any
 /// other runnable thread goes first; a claimed offer keeps it spinning until it has run a call's
-/// job or that call has ended. Leaves early when the caller sends the workers to sleep
-/// (`RELOCATIONS`). The spawner counted it in `LINGERING`.
+/// job or that call has ended. Stays longer while a call is under way (`CALLS_UNDER_WAY`), and
+/// leaves early when the caller sends the workers to sleep (`RELOCATIONS`). The spawner counted
+/// it in `LINGERING`.
 fn stay_awake(pool: &Pool, linger: Duration) {
     thread_local! {
         static LINGERING_HERE: Cell<bool> = const { Cell::new(false) };
@@ -995,8 +1020,13 @@ fn stay_awake(pool: &Pool, linger: Duration) {
                 std::hint::spin_loop();
                 continue;
             }
-            let done = idle_since.elapsed() >= linger
-                || RELOCATIONS.load(Ordering::Acquire) != relocations;
+            let relocated = RELOCATIONS.load(Ordering::Acquire) != relocations;
+            let mut done = relocated || idle_since.elapsed() >= linger;
+            if done && !relocated && CALLS_UNDER_WAY.load(Ordering::Acquire) > 0 {
+                // A call under way may not have found this worker yet: stay for it.
+                idle_since = Instant::now();
+                done = false;
+            }
             if !done && Instant::now() < next_yield {
                 std::hint::spin_loop();
                 continue;
@@ -1263,9 +1293,10 @@ fn pool() -> Option<Arc<Pool>> {
         if let Some(parents) = slot.take() {
             std::mem::forget(parents);
         }
-        // Counts of the parent's workers, which do not exist here.
+        // Counts of the parent's workers and calls, which do not exist here.
         LATE_CALLS.store(0, Ordering::Release);
         LINGERING.store(0, Ordering::Release);
+        CALLS_UNDER_WAY.store(0, Ordering::Release);
         POOL_PID.store(pid, Ordering::Release);
     }
     if let Some(pool) = slot.as_ref().filter(|pool| pool.workers() == workers) {
@@ -1590,6 +1621,36 @@ mod tests {
             done_rx.recv(),
             Ok(true),
             "the call waited for the held worker"
+        );
+        set_num_threads(0);
+    }
+
+    #[test]
+    fn a_worker_woken_by_a_long_call_stays_until_the_call_recruits_it() {
+        set_num_threads(2);
+        let len = 32 * CHUNK;
+        assert_eq!(reduce(len, 8, &count_leaf).abs, len as u128);
+        // The linger is over, the worker asleep.
+        std::thread::sleep(linger() * 10);
+        // Chunks of 2 ms each: the call's first look for help between its tasks comes after the
+        // linger of the worker it woke at its start has run out.
+        let on_workers = AtomicUsize::new(0);
+        let slow_leaf = |range: Range<usize>| {
+            let end = Instant::now() + Duration::from_millis(2);
+            while Instant::now() < end {
+                std::hint::spin_loop();
+            }
+            let name = std::thread::current().name().map(str::to_owned);
+            if name.is_some_and(|name| name.starts_with("l1l2-")) {
+                on_workers.fetch_add(1, Ordering::Relaxed);
+            }
+            count_leaf(range)
+        };
+        assert_eq!(reduce(len, 8, &slow_leaf).abs, len as u128);
+        let on_workers = on_workers.into_inner();
+        assert!(
+            on_workers > 0,
+            "the caller reduced all 32 chunks of the 64 ms call alone"
         );
         set_num_threads(0);
     }
