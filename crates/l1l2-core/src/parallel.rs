@@ -1379,6 +1379,14 @@ mod tests {
     use crate::accumulate::ExactPartial;
     use std::sync::mpsc;
 
+    /// Taken by the tests that hold the pool's worker for long or need it to themselves: the
+    /// tests of this binary run concurrently and share the pool.
+    static POOL_TURN: Mutex<()> = Mutex::new(());
+
+    fn pool_turn() -> MutexGuard<'static, ()> {
+        POOL_TURN.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn count_leaf(range: Range<usize>) -> ExactPartial {
         ExactPartial {
             abs: range.len() as u128,
@@ -1520,6 +1528,7 @@ mod tests {
 
     #[test]
     fn a_check_that_says_stop_abandons_the_call() {
+        let _turn = pool_turn();
         let done = AtomicUsize::new(0);
         let slow_leaf = |range: Range<usize>| {
             std::thread::sleep(Duration::from_millis(2));
@@ -1553,6 +1562,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn idle_workers_stop_spinning() {
+        let _turn = pool_turn();
         set_num_threads(2);
         let len = 64 * CHUNK;
         assert_eq!(reduce(len, 8, &count_leaf).abs, len as u128);
@@ -1598,6 +1608,7 @@ mod tests {
 
     #[test]
     fn a_call_does_not_wait_for_a_worker_busy_elsewhere() {
+        let _turn = pool_turn();
         set_num_threads(2);
         let pool = pool().expect("a pool of one worker");
         let (started, held) = (mpsc::channel(), mpsc::channel::<()>());
@@ -1627,6 +1638,7 @@ mod tests {
 
     #[test]
     fn a_worker_woken_by_a_long_call_stays_until_the_call_recruits_it() {
+        let _turn = pool_turn();
         set_num_threads(2);
         let len = 32 * CHUNK;
         assert_eq!(reduce(len, 8, &count_leaf).abs, len as u128);
