@@ -742,10 +742,11 @@ fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
         let seat = Seat::new(seat, seats, worker).recruiting(recruit);
         take_seat(&trace, work, seat)
     };
+    // Counted before the wake-up below: a worker it wakes stays while this call is under way.
+    let _under_way = UnderWay::start(&pool);
     // Workers that do not linger now are woken to: they offer help once they run, and a long call
     // recruits them as they come. For at least `WAIT`, so that with the linger off
     // (`L1L2_LINGER_US=0`) a worker woken for this call still stays for it.
-    let _under_way = UnderWay::start();
     let missing = helpers.saturating_sub(LINGERING.load(Ordering::Acquire));
     wake_workers(&pool, missing, linger().max(WAIT), caller_cpu);
     let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
@@ -810,13 +811,33 @@ fn spread(work: &(impl Fn(Seat<'_>) -> usize + Sync)) {
     }
 }
 
-/// Our thread pool: its rayon workers and, for each, its `Offer`.
+/// Our thread pool: its rayon workers, for each its `Offer`, and its calls under way.
 struct Pool {
     threads: ThreadPool,
     offers: Box<[Offer]>,
+    /// Parallel calls on this pool under way. A lingering worker does not leave while there is
+    /// one: a call looks for offers only at its start and between its tasks, and finds none while
+    /// the worker yields its CPU, so a worker could otherwise reach the end of its linger
+    /// unrecruited in the middle of a long call. Seen: 1e8 float64 penalties 10 ms apart, whose
+    /// tasks take ~330 us each, ran on the caller alone in 22 of 170 calls (39-45 ms instead of
+    /// 20-30 ms). Per pool, so that calls on a pool built for another thread count do not keep
+    /// this one's workers.
+    calls_under_way: Alone<AtomicUsize>,
 }
 
 impl Pool {
+    fn new(threads: ThreadPool) -> Self {
+        let offers = (0..threads.current_num_threads())
+            .map(|_| Offer::default())
+            .collect();
+        let calls_under_way = Alone(AtomicUsize::new(0));
+        Self {
+            threads,
+            offers,
+            calls_under_way,
+        }
+    }
+
     fn workers(&self) -> usize {
         self.threads.current_num_threads()
     }
@@ -964,26 +985,19 @@ fn wake_for_next_call() {
     }
 }
 
-/// Parallel calls of our pool under way. A lingering worker does not leave while there is one: a
-/// call looks for offers only at its start and between its tasks, and finds none while the
-/// worker yields its CPU, so a worker could otherwise reach the end of its linger unrecruited in
-/// the middle of a long call. Seen: 1e8 float64 penalties 10 ms apart, whose tasks take ~330 us
-/// each, ran on the caller alone in 1 call of 3 (42 ms instead of 21-27 ms).
-static CALLS_UNDER_WAY: Alone<AtomicUsize> = Alone(AtomicUsize::new(0));
+/// Counts a call in its pool's `calls_under_way` while it lives (also if the call unwinds).
+struct UnderWay<'p>(&'p AtomicUsize);
 
-/// Counts a call in `CALLS_UNDER_WAY` while it lives (also if the call unwinds).
-struct UnderWay;
-
-impl UnderWay {
-    fn start() -> Self {
-        CALLS_UNDER_WAY.fetch_add(1, Ordering::AcqRel);
-        Self
+impl<'p> UnderWay<'p> {
+    fn start(pool: &'p Pool) -> Self {
+        pool.calls_under_way.fetch_add(1, Ordering::AcqRel);
+        Self(&pool.calls_under_way)
     }
 }
 
-impl Drop for UnderWay {
+impl Drop for UnderWay<'_> {
     fn drop(&mut self) {
-        CALLS_UNDER_WAY.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -993,7 +1007,7 @@ impl Drop for UnderWay {
 /// µs late, and had to be handed a new linger job after every call. While idle it offers help
 /// (see `Offer`) and yields its CPU every `YIELD_EVERY`, withdrawing the offer first, so that any
 /// other runnable thread goes first; a claimed offer keeps it spinning until it has run a call's
-/// job or that call has ended. Stays longer while a call is under way (`CALLS_UNDER_WAY`), and
+/// job or that call has ended. Stays longer while a call is under way (`calls_under_way`), and
 /// leaves early when the caller sends the workers to sleep (`RELOCATIONS`). The spawner counted
 /// it in `LINGERING`.
 fn stay_awake(pool: &Pool, linger: Duration) {
@@ -1022,7 +1036,7 @@ fn stay_awake(pool: &Pool, linger: Duration) {
             }
             let relocated = RELOCATIONS.load(Ordering::Acquire) != relocations;
             let mut done = relocated || idle_since.elapsed() >= linger;
-            if done && !relocated && CALLS_UNDER_WAY.load(Ordering::Acquire) > 0 {
+            if done && !relocated && pool.calls_under_way.load(Ordering::Acquire) > 0 {
                 // A call under way may not have found this worker yet: stay for it.
                 idle_since = Instant::now();
                 done = false;
@@ -1293,10 +1307,9 @@ fn pool() -> Option<Arc<Pool>> {
         if let Some(parents) = slot.take() {
             std::mem::forget(parents);
         }
-        // Counts of the parent's workers and calls, which do not exist here.
+        // Counts of the parent's workers, which do not exist here.
         LATE_CALLS.store(0, Ordering::Release);
         LINGERING.store(0, Ordering::Release);
-        CALLS_UNDER_WAY.store(0, Ordering::Release);
         POOL_PID.store(pid, Ordering::Release);
     }
     if let Some(pool) = slot.as_ref().filter(|pool| pool.workers() == workers) {
@@ -1310,10 +1323,7 @@ fn pool() -> Option<Arc<Pool>> {
         .thread_name(|i| format!("l1l2-{i}"))
         .build();
     let pool = match built {
-        Ok(threads) => {
-            let offers = (0..workers).map(|_| Offer::default()).collect();
-            Arc::new(Pool { threads, offers })
-        }
+        Ok(threads) => Arc::new(Pool::new(threads)),
         Err(error) => {
             FAILED_WORKERS.store(workers, Ordering::Relaxed);
             let message = format!(
@@ -1591,11 +1601,13 @@ mod tests {
         assert!(offer.claimed(), "reopening dropped a claim");
         // Released by its own call only.
         let pool_of = |offer: Offer| Pool {
-            threads: ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .expect("a pool"),
             offers: vec![offer].into_boxed_slice(),
+            ..Pool::new(
+                ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("a pool"),
+            )
         };
         let pool = pool_of(offer);
         pool.release(FIRST_CALL + 1);
