@@ -819,7 +819,7 @@ struct Pool {
     /// one: a call looks for offers only at its start and between its tasks, and finds none while
     /// the worker yields its CPU, so a worker could otherwise reach the end of its linger
     /// unrecruited in the middle of a long call. Seen: 1e8 float64 penalties 10 ms apart, whose
-    /// tasks take ~330 us each, ran on the caller alone in 22 of 170 calls (39-45 ms instead of
+    /// tasks take ~330 us each, ran on the caller alone in 30 of 220 calls (36-47 ms instead of
     /// 20-30 ms). Per pool, so that calls on a pool built for another thread count do not keep
     /// this one's workers.
     calls_under_way: Alone<AtomicUsize>,
